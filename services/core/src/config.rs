@@ -1,0 +1,371 @@
+//! Herald's configuration: one YAML file (every role reads its own section), every key
+//! overridable from the environment, defaults that run on a laptop.
+//!
+//! Environment overrides: `HERALD_<SECTION>__<KEY>[__<KEY>...]=value`, e.g.
+//! `HERALD_NATS__URL=nats://nats:4222` or `HERALD_DELIVERY__DNS__NAMESERVERS=[10.0.0.10:53]`.
+//! Values are parsed as YAML scalars or flow collections.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use crate::Error;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub resources: ResourcesConfig,
+    pub ingress: IngressConfig,
+    pub delivery: DeliveryConfig,
+    pub sink: SinkConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// NATS server URL(s), comma separated.
+    pub url: String,
+    /// Optional `.creds` file (NATS decentralised auth).
+    pub credentials: Option<PathBuf>,
+    /// Replicas of every stream and bucket: 1 for a single server, 3 in production.
+    pub replicas: usize,
+    /// Longest time a message may stay queued; bodies and entries expire after it.
+    #[serde(with = "humantime_serde")]
+    pub queue_lifetime: Duration,
+    /// Window in which a re-submitted identical message is recognised as a duplicate.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long events are retained for reports and the API.
+    #[serde(with = "humantime_serde")]
+    pub events_retention: Duration,
+    /// Time allowed for JetStream to acknowledge a publish before ingress answers 451.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            credentials: None,
+            replicas: 1,
+            queue_lifetime: Duration::from_secs(5 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            events_retention: Duration::from_secs(30 * 24 * 3600),
+            publish_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourcesConfig {
+    /// Files mode: a directory of MailDomain, SmtpAccount and Secret YAML documents.
+    pub dir: PathBuf,
+    /// How often the directory is re-read for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        ResourcesConfig {
+            dir: PathBuf::from("examples"),
+            reload_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    /// No TLS offered (only for trusted networks).
+    None,
+    /// STARTTLS offered (submission, port 587).
+    Starttls,
+    /// TLS from the first byte (submissions, port 465).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub tls: ListenerTls,
+    /// Allow AUTH before TLS. Off by default: passwords never cross the wire in clear.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    /// Name in the greeting, EHLO reply and Received headers.
+    pub hostname: String,
+    /// Certificate for STARTTLS and implicit TLS listeners.
+    pub tls: Option<TlsFiles>,
+    pub listeners: Vec<ListenerConfig>,
+    /// Largest message accepted, in octets (advertised in EHLO SIZE).
+    pub max_message_size: usize,
+    /// Most recipients in one transaction.
+    pub max_recipients: usize,
+    /// Idle time allowed between commands (RFC 5321 4.5.3.2: at least 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Idle time allowed while receiving DATA (RFC 5321: 3 min per block; 10 min for the end).
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Time an ingress pod keeps open sessions after SIGTERM before closing them.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig {
+            hostname: "localhost".into(),
+            tls: None,
+            listeners: vec![
+                ListenerConfig {
+                    name: "submission".into(),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 2587)),
+                    tls: ListenerTls::Starttls,
+                    allow_plaintext_auth: false,
+                },
+                ListenerConfig {
+                    name: "submissions".into(),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 2465)),
+                    tls: ListenerTls::Implicit,
+                    allow_plaintext_auth: false,
+                },
+            ],
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers asked for MX/A/AAAA. Explicit: the system resolver is never used.
+    pub nameservers: Vec<SocketAddr>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: vec![SocketAddr::from(([127, 0, 0, 1], 53))],
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Delay before the first retry after a temporary failure.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Longest delay between retries (the delay doubles up to this).
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: Duration::from_secs(300),
+            max: Duration::from_secs(4 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// EHLO name presented to remote MX hosts (should match the source IP's reverse DNS).
+    pub hostname: String,
+    pub dns: DnsConfig,
+    /// TCP port of remote MX hosts.
+    pub smtp_port: u16,
+    /// Send every message to this host instead of the recipients' MX (a smarthost, or the
+    /// local sink in `herald dev`).
+    pub relay_host: Option<SocketAddr>,
+    /// Queue entries handled at once by one worker.
+    pub concurrency: usize,
+    /// Refuse to deliver without TLS (otherwise STARTTLS is opportunistic).
+    pub require_tls: bool,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for each reply of the remote server (RFC 5321 4.5.3.2 minimums apply
+    /// to the DATA end: 10 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    pub retry: RetryConfig,
+    /// JetStream ack wait for an entry in progress; workers extend it while delivering.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            hostname: "localhost".into(),
+            dns: DnsConfig::default(),
+            smtp_port: 25,
+            relay_host: None,
+            concurrency: 16,
+            require_tls: false,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            retry: RetryConfig::default(),
+            ack_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    pub addr: SocketAddr,
+    /// Maildir (created if missing) where every accepted message is stored.
+    pub maildir: PathBuf,
+    pub hostname: String,
+    /// Offer STARTTLS with this certificate.
+    pub tls: Option<TlsFiles>,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 2525)),
+            maildir: PathBuf::from(".dev/maildir"),
+            hostname: "sink.localhost".into(),
+            tls: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (when given) and applies `HERALD_...` environment overrides.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Config, Error> {
+        let mut root = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| Error::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                serde_yaml::from_str::<Value>(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+            }
+            None => Value::Mapping(Mapping::new()),
+        };
+        if root.is_null() {
+            root = Value::Mapping(Mapping::new());
+        }
+        apply_env(&mut root, std::env::vars())?;
+        serde_yaml::from_value(root).map_err(|e| Error::Config(e.to_string()))
+    }
+}
+
+/// Applies `HERALD_A__B=value` as `a: {b: value}` on top of the file's values.
+fn apply_env(root: &mut Value, vars: impl Iterator<Item = (String, String)>) -> Result<(), Error> {
+    for (name, raw) in vars {
+        let Some(path) = name.strip_prefix("HERALD_") else {
+            continue;
+        };
+        // HERALD_CONFIG names the file itself, HERALD_BIN / HERALD_E2E_* belong to tests.
+        if !path.contains("__") {
+            continue;
+        }
+        let keys: Vec<String> = path.split("__").map(|k| k.to_lowercase()).collect();
+        let value: Value = serde_yaml::from_str(&raw).unwrap_or(Value::String(raw.clone()));
+        let mut node = &mut *root;
+        for (i, key) in keys.iter().enumerate() {
+            let Value::Mapping(map) = node else {
+                return Err(Error::Config(format!(
+                    "{name}: {} is not a section",
+                    keys[..i].join(".")
+                )));
+            };
+            let k = Value::String(key.clone());
+            if i + 1 == keys.len() {
+                map.insert(k, value.clone());
+                break;
+            }
+            node = map
+                .entry(k)
+                .or_insert_with(|| Value::Mapping(Mapping::new()));
+            if node.is_null() {
+                *node = Value::Mapping(Mapping::new());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_on_a_laptop() {
+        let c: Config = serde_yaml::from_str("{}").expect("empty config");
+        assert_eq!(c.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(c.ingress.listeners.len(), 2);
+        assert_eq!(c.delivery.smtp_port, 25);
+        assert_eq!(c.delivery.retry.initial, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let mut root: Value = serde_yaml::from_str("nats: {url: nats://a:1}").expect("yaml");
+        apply_env(
+            &mut root,
+            [
+                ("HERALD_NATS__URL".to_string(), "nats://b:2".to_string()),
+                (
+                    "HERALD_DELIVERY__DNS__NAMESERVERS".to_string(),
+                    "[127.0.0.1:5353]".to_string(),
+                ),
+                (
+                    "HERALD_DELIVERY__RETRY__INITIAL".to_string(),
+                    "2s".to_string(),
+                ),
+                ("HERALD_CONFIG".to_string(), "ignored.yaml".to_string()),
+            ]
+            .into_iter(),
+        )
+        .expect("apply");
+        let c: Config = serde_yaml::from_value(root).expect("config");
+        assert_eq!(c.nats.url, "nats://b:2");
+        assert_eq!(
+            c.delivery.dns.nameservers,
+            vec!["127.0.0.1:5353".parse::<SocketAddr>().expect("addr")]
+        );
+        assert_eq!(c.delivery.retry.initial, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(serde_yaml::from_str::<Config>("nats: {ulr: x}").is_err());
+    }
+}

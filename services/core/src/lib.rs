@@ -1,0 +1,21 @@
+//! Herald's shared library: what every role (ingress, delivery, sink, operator, api) agrees on.
+//!
+//! - [`config`]: the one configuration file, with `HERALD_...` environment overrides.
+//! - [`resources`]: `MailDomain` / `SmtpAccount` resource types and the files-mode source.
+//! - [`queue`]: JetStream streams, buckets and the message body store.
+//! - [`envelope`]: the protobuf queue entry and events (`proto/herald/v1`).
+//! - [`smtp`]: server-side SMTP framing shared by ingress and the sink.
+//! - [`tls`], [`telemetry`], [`types`].
+
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod password;
+pub mod queue;
+pub mod resources;
+pub mod smtp;
+pub mod telemetry;
+pub mod tls;
+pub mod types;
+
+pub use error::Error;

@@ -1,0 +1,422 @@
+//! JetStream layout shared by every role, created idempotently by whichever pod starts first.
+//!
+//! - `HERALD_QUEUE` (work queue, `herald.queue.<domain>`): one [`QueueEntry`] per message
+//!   and destination domain, de-duplicated by `Nats-Msg-Id` within the duplicate window.
+//! - `HERALD_BODIES` (`herald.body.<queue id>`, direct get): each message body, stored once.
+//!   Bodies larger than the server's max payload go to the `HERALD_LARGE_BODIES` object store.
+//! - `HERALD_PENDING` (KV): per message, the destination domains not yet finished; the body is
+//!   removed when the last one finishes (or when the queue lifetime expires).
+//! - `HERALD_EVENTS` (`herald.events.<account>.<kind>`): every outcome, for reports and the API.
+
+use std::time::Duration;
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{
+        self, kv, message::PublishMessage as Publish, object_store, publish::PublishAck, stream,
+        stream::RetentionPolicy,
+    },
+};
+use bytes::Bytes;
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::{
+    Error,
+    config::NatsConfig,
+    envelope::{BodyRef, Event, EventKind, QueueEntry, body_ref::Location},
+};
+
+pub const QUEUE_STREAM: &str = "HERALD_QUEUE";
+pub const QUEUE_SUBJECTS: &str = "herald.queue.>";
+pub const BODY_STREAM: &str = "HERALD_BODIES";
+pub const EVENTS_STREAM: &str = "HERALD_EVENTS";
+pub const PENDING_BUCKET: &str = "HERALD_PENDING";
+pub const LARGE_BODY_BUCKET: &str = "HERALD_LARGE_BODIES";
+/// Header carrying the W3C trace context of the transaction that queued an entry.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Room left in a NATS message for headers when deciding whether a body fits inline.
+const HEADER_ROOM: usize = 8 * 1024;
+
+pub fn queue_subject(domain: &str) -> String {
+    format!("herald.queue.{domain}")
+}
+
+pub fn body_subject(queue_id: &str) -> String {
+    format!("herald.body.{queue_id}")
+}
+
+/// A subject token for an account id (`namespace/name`): dots would split it.
+pub fn account_token(account: &str) -> String {
+    account.replace(['.', '/', '*', '>', ' '], "_")
+}
+
+pub fn event_subject(account: &str, kind: EventKind) -> String {
+    format!("herald.events.{}.{}", account_token(account), kind.word())
+}
+
+/// Connects to NATS with the configured URL and credentials. The client reconnects by
+/// itself; publishes made while disconnected time out and are reported as failures.
+pub async fn connect(cfg: &NatsConfig) -> Result<async_nats::Client, Error> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name("herald")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5));
+    if let Some(creds) = &cfg.credentials {
+        opts = opts
+            .credentials_file(creds)
+            .await
+            .map_err(|e| Error::Nats(format!("{}: {e}", creds.display())))?;
+    }
+    opts.connect(cfg.url.as_str()).await.map_err(Error::nats)
+}
+
+/// Handles on every stream and bucket.
+#[derive(Clone)]
+pub struct Queue {
+    js: jetstream::Context,
+    bodies: stream::Stream,
+    large_bodies: object_store::ObjectStore,
+    pending: kv::Store,
+    inline_limit: usize,
+    publish_timeout: Duration,
+}
+
+impl Queue {
+    /// Creates (or updates to the configured shape) every stream and bucket.
+    pub async fn setup(client: async_nats::Client, cfg: &NatsConfig) -> Result<Queue, Error> {
+        let max_payload = client.server_info().max_payload;
+        let js = jetstream::new(client);
+        let replicas = cfg.replicas.max(1);
+        js.create_or_update_stream(stream::Config {
+            name: QUEUE_STREAM.into(),
+            description: Some("Herald delivery queue: one entry per message and domain".into()),
+            subjects: vec![QUEUE_SUBJECTS.into()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: cfg.queue_lifetime,
+            duplicate_window: cfg.duplicate_window,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::Nats(format!("stream {QUEUE_STREAM}: {e}")))?;
+        js.create_or_update_stream(stream::Config {
+            name: BODY_STREAM.into(),
+            description: Some("Herald message bodies, stored once per message".into()),
+            subjects: vec!["herald.body.>".into()],
+            retention: RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: cfg.queue_lifetime,
+            max_messages_per_subject: 1,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::Nats(format!("stream {BODY_STREAM}: {e}")))?;
+        js.create_or_update_stream(stream::Config {
+            name: EVENTS_STREAM.into(),
+            description: Some("Herald outcomes: received, delivered, deferred, failed".into()),
+            subjects: vec!["herald.events.>".into()],
+            retention: RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_age: cfg.events_retention,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::Nats(format!("stream {EVENTS_STREAM}: {e}")))?;
+        let pending = js
+            .create_or_update_key_value(kv::Config {
+                bucket: PENDING_BUCKET.into(),
+                description: "Destination domains of each message not yet finished".into(),
+                history: 1,
+                max_age: cfg.queue_lifetime,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Nats(format!("bucket {PENDING_BUCKET}: {e}")))?;
+        let large_bodies = match js.get_object_store(LARGE_BODY_BUCKET).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: LARGE_BODY_BUCKET.into(),
+                    description: Some("Message bodies above the NATS max payload".into()),
+                    max_age: cfg.queue_lifetime,
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::Nats(format!("object store {LARGE_BODY_BUCKET}: {e}")))?,
+        };
+        let bodies = js
+            .get_stream(BODY_STREAM)
+            .await
+            .map_err(|e| Error::Nats(format!("stream {BODY_STREAM}: {e}")))?;
+        Ok(Queue {
+            js,
+            bodies,
+            large_bodies,
+            pending,
+            inline_limit: max_payload.saturating_sub(HEADER_ROOM),
+            publish_timeout: cfg.publish_timeout,
+        })
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    async fn acked(&self, fut: jetstream::context::PublishAckFuture) -> Result<PublishAck, Error> {
+        match tokio::time::timeout(self.publish_timeout, fut).await {
+            Ok(Ok(ack)) => Ok(ack),
+            Ok(Err(e)) => Err(Error::nats(e)),
+            Err(_) => Err(Error::Nats(
+                "no acknowledgement from JetStream in time".into(),
+            )),
+        }
+    }
+
+    async fn publish(&self, subject: String, publish: Publish) -> Result<PublishAck, Error> {
+        let fut =
+            tokio::time::timeout(self.publish_timeout, self.js.send_publish(subject, publish))
+                .await
+                .map_err(|_| Error::Nats("JetStream publish timed out".into()))?
+                .map_err(Error::nats)?;
+        self.acked(fut).await
+    }
+
+    /// Stores a body once and returns its reference; returns only after JetStream acked it.
+    pub async fn store_body(&self, queue_id: &str, body: Bytes) -> Result<BodyRef, Error> {
+        let sha256 = hex::encode(Sha256::digest(&body));
+        let size = body.len() as u64;
+        let location = if body.len() <= self.inline_limit {
+            let subject = body_subject(queue_id);
+            self.publish(subject.clone(), Publish::build().payload(body))
+                .await?;
+            Location::StreamSubject(subject)
+        } else {
+            let mut reader: &[u8] = &body;
+            tokio::time::timeout(
+                self.publish_timeout * 4,
+                self.large_bodies.put(queue_id, &mut reader),
+            )
+            .await
+            .map_err(|_| Error::Nats("object store put timed out".into()))?
+            .map_err(Error::nats)?;
+            Location::Object(queue_id.to_string())
+        };
+        Ok(BodyRef {
+            location: Some(location),
+            size,
+            sha256,
+        })
+    }
+
+    /// Reads a body back, checking it is the one the entry refers to.
+    pub async fn load_body(&self, body: &BodyRef) -> Result<Bytes, Error> {
+        let data = match &body.location {
+            Some(Location::StreamSubject(subject)) => {
+                match self
+                    .bodies
+                    .direct_get_last_for_subject(subject.clone())
+                    .await
+                {
+                    Ok(msg) => msg.payload,
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                        return Err(Error::BodyMissing(subject.clone()));
+                    }
+                    Err(e) => return Err(Error::nats(e)),
+                }
+            }
+            Some(Location::Object(name)) => {
+                let mut obj = match self.large_bodies.get(name).await {
+                    Ok(obj) => obj,
+                    Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {
+                        return Err(Error::BodyMissing(name.clone()));
+                    }
+                    Err(e) => return Err(Error::nats(e)),
+                };
+                let mut buf = Vec::with_capacity(body.size as usize);
+                obj.read_to_end(&mut buf).await.map_err(Error::nats)?;
+                Bytes::from(buf)
+            }
+            None => return Err(Error::Envelope("entry has no body reference".into())),
+        };
+        if hex::encode(Sha256::digest(&data)) != body.sha256 {
+            return Err(Error::Envelope(
+                "stored body does not match its digest".into(),
+            ));
+        }
+        Ok(data)
+    }
+
+    async fn delete_body(&self, body: &BodyRef) -> Result<(), Error> {
+        match &body.location {
+            Some(Location::StreamSubject(subject)) => {
+                self.bodies
+                    .purge()
+                    .filter(subject.clone())
+                    .await
+                    .map_err(Error::nats)?;
+            }
+            Some(Location::Object(name)) => {
+                self.large_bodies.delete(name).await.map_err(Error::nats)?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Records which domains of `queue_id` are still to be finished.
+    pub async fn track_pending(&self, queue_id: &str, domains: &[String]) -> Result<(), Error> {
+        let value = serde_json::to_vec(domains).map_err(Error::nats)?;
+        tokio::time::timeout(
+            self.publish_timeout,
+            self.pending.put(queue_id, value.into()),
+        )
+        .await
+        .map_err(|_| Error::Nats("pending bucket put timed out".into()))?
+        .map_err(Error::nats)?;
+        Ok(())
+    }
+
+    /// Publishes one entry and waits for its PubAck. `dedup_id` makes a re-submission of
+    /// the same message within the duplicate window a no-op.
+    pub async fn publish_entry(
+        &self,
+        entry: &QueueEntry,
+        dedup_id: Option<String>,
+    ) -> Result<PublishAck, Error> {
+        let mut headers = HeaderMap::new();
+        if !entry.traceparent.is_empty() {
+            headers.insert(TRACEPARENT, entry.traceparent.as_str());
+        }
+        let mut publish = Publish::build()
+            .payload(entry.encode_to_vec().into())
+            .headers(headers);
+        if let Some(id) = dedup_id {
+            publish = publish.message_id(id);
+        }
+        self.publish(queue_subject(&entry.domain), publish).await
+    }
+
+    /// Marks `domain` of `entry`'s message finished (delivered or failed for good); removes
+    /// the body once every domain is. Idempotent: a redelivered entry finishes twice safely.
+    pub async fn finish_domain(&self, entry: &QueueEntry) -> Result<(), Error> {
+        for _ in 0..16 {
+            let Some(current) = self
+                .pending
+                .entry(entry.id.as_str())
+                .await
+                .map_err(Error::nats)?
+            else {
+                return Ok(());
+            };
+            if current.operation != kv::Operation::Put {
+                return Ok(());
+            }
+            let mut domains: Vec<String> =
+                serde_json::from_slice(&current.value).unwrap_or_default();
+            let before = domains.len();
+            domains.retain(|d| d != &entry.domain);
+            if domains.len() == before && before > 0 {
+                return Ok(());
+            }
+            if domains.is_empty() {
+                match self
+                    .pending
+                    .delete_expect_revision(entry.id.as_str(), Some(current.revision))
+                    .await
+                {
+                    Ok(()) => {
+                        if let Some(body) = &entry.body {
+                            self.delete_body(body).await?;
+                        }
+                        return Ok(());
+                    }
+                    Err(_) => continue,
+                }
+            }
+            let value = serde_json::to_vec(&domains).map_err(Error::nats)?;
+            if self
+                .pending
+                .update(entry.id.as_str(), value.into(), current.revision)
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        Err(Error::Nats(format!(
+            "pending record of {} kept changing; body left to expire",
+            entry.id
+        )))
+    }
+
+    /// Publishes an outcome. Events never block mail: a failure is logged, not returned.
+    pub async fn publish_event(&self, event: Event) {
+        let subject = event_subject(&event.account, event.kind());
+        let result = self
+            .publish(
+                subject,
+                Publish::build().payload(event.encode_to_vec().into()),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, queue_id = %event.queue_id, "event not recorded");
+        }
+    }
+}
+
+/// The de-duplication key of a submission: the same account, envelope and bytes within the
+/// duplicate window are one message (a client retrying after a lost `250`).
+pub fn submission_digest(
+    account: &str,
+    sender: &str,
+    recipients: &[String],
+    body: &[u8],
+) -> String {
+    let mut h = Sha256::new();
+    for part in [account.as_bytes(), sender.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let mut rcpts: Vec<&String> = recipients.iter().collect();
+    rcpts.sort();
+    for r in rcpts {
+        h.update((r.len() as u64).to_be_bytes());
+        h.update(r.as_bytes());
+    }
+    h.update(body);
+    hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_ignores_recipient_order_but_not_content() {
+        let a = submission_digest("acct", "s@x", &["a@y".into(), "b@z".into()], b"body");
+        let b = submission_digest("acct", "s@x", &["b@z".into(), "a@y".into()], b"body");
+        let c = submission_digest("acct", "s@x", &["a@y".into(), "b@z".into()], b"body2");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn subjects_keep_tokens_apart() {
+        assert_eq!(
+            event_subject("ns/app.v2", EventKind::Delivered),
+            "herald.events.ns_app_v2.delivered"
+        );
+        assert_eq!(queue_subject("example.test"), "herald.queue.example.test");
+    }
+}

@@ -1,0 +1,302 @@
+//! One delivery attempt of one queue entry: sign, find the hosts, try them in order, and
+//! say for each recipient whether it was delivered, deferred or failed.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use herald_core::{config::Config, envelope::QueueEntry, resources::ResourceSource, tls};
+use hickory_resolver::TokioResolver;
+use tokio_rustls::TlsConnector;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    client::{ClientError, Connection, RemoteReply},
+    dkim::{Signer, sign_all},
+    route::{self, Hop},
+};
+
+/// What happened to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered(RemoteReply),
+    /// Try again later; the text says why.
+    Deferred(String),
+    /// Never deliverable; the text says why (a remote 5xx reply or a local permanent error).
+    Failed(String),
+}
+
+/// The result of an attempt: one outcome per recipient, in the entry's order.
+#[derive(Debug)]
+pub struct Attempt {
+    pub outcomes: Vec<(String, Outcome)>,
+    /// Host that gave the final answer, when one did.
+    pub remote_host: String,
+    pub tls: bool,
+}
+
+impl Attempt {
+    fn all(entry: &QueueEntry, outcome: Outcome) -> Attempt {
+        Attempt {
+            outcomes: entry
+                .recipients
+                .iter()
+                .map(|r| (r.address.clone(), outcome.clone()))
+                .collect(),
+            remote_host: String::new(),
+            tls: false,
+        }
+    }
+}
+
+fn outcome_for(reply: &RemoteReply) -> Outcome {
+    if reply.is_positive() {
+        Outcome::Delivered(reply.clone())
+    } else if reply.is_transient() {
+        Outcome::Deferred(reply.to_string())
+    } else {
+        Outcome::Failed(reply.to_string())
+    }
+}
+
+/// Everything an attempt needs, shared by all attempts of a worker.
+pub struct Deliverer {
+    config: Arc<Config>,
+    resources: Arc<dyn ResourceSource>,
+    resolver: TokioResolver,
+    tls: TlsConnector,
+}
+
+impl Deliverer {
+    pub fn new(
+        config: Arc<Config>,
+        resources: Arc<dyn ResourceSource>,
+    ) -> Result<Deliverer, String> {
+        let resolver = route::resolver(&config.delivery.dns)?;
+        Ok(Deliverer {
+            config,
+            resources,
+            resolver,
+            tls: crate::client::tls_connector(tls::opportunistic_client_config()),
+        })
+    }
+
+    /// DKIM-Signature headers for the message, from the sender's MailDomain.
+    fn signatures(&self, entry: &QueueEntry, body: &[u8]) -> Result<Vec<u8>, String> {
+        let resources = self.resources.current();
+        let domain = resources.domain(&entry.sender_domain).ok_or_else(|| {
+            format!(
+                "MailDomain {} is gone; DKIM key unavailable",
+                entry.sender_domain
+            )
+        })?;
+        if domain.keys.is_empty() {
+            return Err(format!(
+                "MailDomain {} has no DKIM key",
+                entry.sender_domain
+            ));
+        }
+        let signers = domain
+            .keys
+            .iter()
+            .map(|k| Signer::new(domain.domain.as_str(), k))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        sign_all(&signers, body).map_err(|e| e.to_string())
+    }
+
+    async fn hops(&self, entry: &QueueEntry) -> Result<Vec<Hop>, route::RouteError> {
+        if let Some(relay) = self.config.delivery.relay_host {
+            return Ok(vec![Hop {
+                name: relay.ip().to_string(),
+                addrs: vec![relay],
+            }]);
+        }
+        route::resolve(
+            &self.resolver,
+            &entry.domain,
+            self.config.delivery.smtp_port,
+        )
+        .await
+    }
+
+    /// Makes one attempt. Never returns an error: every problem is an outcome.
+    pub async fn attempt(&self, entry: &QueueEntry, body: &[u8]) -> Attempt {
+        let prefix = match self.signatures(entry, body) {
+            Ok(p) => p,
+            // A missing key is a configuration gap that an operator can fix: defer, never
+            // send unsigned.
+            Err(reason) => return Attempt::all(entry, Outcome::Deferred(reason)),
+        };
+        let hops = match self.hops(entry).await {
+            Ok(h) => h,
+            Err(e) if e.is_permanent() => {
+                return Attempt::all(entry, Outcome::Failed(format!("5.1.2 {e}")));
+            }
+            Err(e) => return Attempt::all(entry, Outcome::Deferred(e.to_string())),
+        };
+        let mut last_error = String::from("no host tried");
+        for hop in &hops {
+            for &addr in &hop.addrs {
+                let span = info_span!("delivery.attempt", server.address = %hop.name, network.peer.address = %addr.ip(), queue_id = %entry.id);
+                match self
+                    .try_host(hop, addr, entry, &prefix, body)
+                    .instrument(span)
+                    .await
+                {
+                    Ok(attempt) => return attempt,
+                    Err(e) => {
+                        info!(queue_id = %entry.id, host = %hop.name, %addr, error = %e, "host failed, trying the next");
+                        last_error = format!("{} [{}]: {e}", hop.name, addr);
+                    }
+                }
+            }
+        }
+        Attempt::all(entry, Outcome::Deferred(last_error))
+    }
+
+    /// Opens a session ready for MAIL: greeting, EHLO, STARTTLS when offered. With
+    /// `try_tls` false the session stays in plaintext (retry after a failed handshake).
+    async fn open(&self, hop: &Hop, addr: SocketAddr, try_tls: bool) -> Result<Connection, String> {
+        let d = &self.config.delivery;
+        let (mut conn, greeting) = Connection::connect(addr, d.connect_timeout, d.command_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        if greeting.code != 220 {
+            conn.quit().await;
+            return Err(format!("greeting: {greeting}"));
+        }
+        let hello = conn.hello(&d.hostname).await.map_err(|e| e.to_string())?;
+        if !hello.is_positive() {
+            conn.quit().await;
+            return Err(format!("EHLO: {hello}"));
+        }
+        if try_tls && conn.capabilities.starttls {
+            match conn.starttls(&self.tls, &hop.name).await {
+                Ok(r) if r.code == 220 => {
+                    let hello = conn.hello(&d.hostname).await.map_err(|e| e.to_string())?;
+                    if !hello.is_positive() {
+                        conn.quit().await;
+                        return Err(format!("EHLO after STARTTLS: {hello}"));
+                    }
+                }
+                Ok(r) => debug!(reply = %r, "STARTTLS refused; continuing in plaintext"),
+                Err(e @ ClientError::Tls(_)) | Err(e @ ClientError::Timeout) => {
+                    return Err(format!("TLS: {e}"));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if d.require_tls && !conn.is_tls() {
+            conn.quit().await;
+            return Err("TLS is required but the host does not offer it".into());
+        }
+        Ok(conn)
+    }
+
+    async fn try_host(
+        &self,
+        hop: &Hop,
+        addr: SocketAddr,
+        entry: &QueueEntry,
+        prefix: &[u8],
+        body: &[u8],
+    ) -> Result<Attempt, String> {
+        let conn = match self.open(hop, addr, true).await {
+            Ok(c) => c,
+            // Like other MTAs: a failed handshake is retried in plaintext on the same host,
+            // unless policy demands TLS.
+            Err(e) if e.starts_with("TLS:") && !self.config.delivery.require_tls => {
+                warn!(host = %hop.name, %addr, error = %e, "TLS handshake failed; retrying in plaintext");
+                self.open(hop, addr, false).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut conn = conn;
+        let tls = conn.is_tls();
+        let remote_host = format!("{} [{}]", hop.name, addr.ip());
+        let done = |outcomes| Attempt {
+            outcomes,
+            remote_host: remote_host.clone(),
+            tls,
+        };
+        if entry.smtputf8 && !conn.capabilities.smtputf8 {
+            conn.quit().await;
+            return Ok(Attempt {
+                remote_host: remote_host.clone(),
+                tls,
+                ..Attempt::all(
+                    entry,
+                    Outcome::Failed(format!(
+                        "5.6.7 {} does not support SMTPUTF8, which this message needs",
+                        hop.name
+                    )),
+                )
+            });
+        }
+        let mut mail_from = format!("MAIL FROM:<{}>", entry.sender);
+        if let Some(limit) = conn.capabilities.size {
+            if body.len() + prefix.len() > limit {
+                conn.quit().await;
+                return Ok(Attempt {
+                    remote_host: remote_host.clone(),
+                    tls,
+                    ..Attempt::all(
+                        entry,
+                        Outcome::Failed(format!(
+                            "5.3.4 message of {} octets exceeds {}'s limit of {limit}",
+                            body.len() + prefix.len(),
+                            hop.name
+                        )),
+                    )
+                });
+            }
+            mail_from.push_str(&format!(" SIZE={}", body.len() + prefix.len()));
+        }
+        if entry.eight_bit && conn.capabilities.eight_bit_mime {
+            mail_from.push_str(" BODY=8BITMIME");
+        }
+        if entry.smtputf8 {
+            mail_from.push_str(" SMTPUTF8");
+        }
+        let rcpts: Vec<String> = entry.recipients.iter().map(|r| r.address.clone()).collect();
+        let (mail, replies) = match conn.envelope(&mail_from, &rcpts).await {
+            Ok(r) => r,
+            Err(e) => return Err(e.to_string()),
+        };
+        if !mail.is_positive() {
+            conn.quit().await;
+            let o = outcome_for(&mail);
+            return Ok(done(rcpts.into_iter().map(|r| (r, o.clone())).collect()));
+        }
+        let mut outcomes: Vec<(String, Outcome)> = rcpts
+            .iter()
+            .cloned()
+            .zip(replies.iter().map(outcome_for))
+            .collect();
+        if !outcomes
+            .iter()
+            .any(|(_, o)| matches!(o, Outcome::Delivered(_)))
+        {
+            let _ = conn.command("RSET").await;
+            conn.quit().await;
+            return Ok(done(outcomes));
+        }
+        let data_timeout = self
+            .config
+            .delivery
+            .command_timeout
+            .max(std::time::Duration::from_secs(600));
+        let final_reply = match conn.data(prefix, body, data_timeout).await {
+            Ok(r) => outcome_for(&r),
+            // The server may or may not have the message: deferring risks a duplicate,
+            // never a loss.
+            Err(e) => Outcome::Deferred(format!("{remote_host}: connection lost after DATA: {e}")),
+        };
+        for (_, o) in outcomes.iter_mut() {
+            if matches!(o, Outcome::Delivered(_)) {
+                *o = final_reply.clone();
+            }
+        }
+        conn.quit().await;
+        Ok(done(outcomes))
+    }
+}

@@ -1,0 +1,346 @@
+//! The delivery worker: a durable JetStream pull consumer, a bounded number of entries in
+//! flight, outcomes turned into acks, retries and events.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{AckKind, Message, consumer::pull};
+use futures::StreamExt;
+use herald_core::{
+    Error as CoreError,
+    config::Config,
+    envelope::{Event, EventKind, QueueEntry, Recipient},
+    queue::{QUEUE_STREAM, Queue},
+    resources::ResourceSource,
+};
+use prost::Message as _;
+use rand::Rng;
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::attempt::{Attempt, Deliverer, Outcome};
+
+/// Name of the durable consumer all delivery pods share.
+pub const CONSUMER: &str = "delivery";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("DNS resolver: {0}")]
+    Resolver(String),
+    #[error("JetStream consumer: {0}")]
+    Consumer(String),
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Delay before retry number `attempt` (1-based): `initial` doubling up to `max`, with
+/// ±10 % jitter so that entries deferred together do not come back together.
+pub fn backoff(config: &Config, attempt: u32) -> Duration {
+    let r = &config.delivery.retry;
+    let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
+    let base = r.initial.saturating_mul(factor).min(r.max);
+    let jitter = rand::rng().random_range(0.9..1.1);
+    base.mul_f64(jitter)
+}
+
+/// Pulls and delivers until `shutdown` turns true; then stops pulling and lets in-flight
+/// entries finish (what does not finish is redelivered by JetStream after the ack wait).
+pub async fn run(
+    config: Arc<Config>,
+    resources: Arc<dyn ResourceSource>,
+    queue: Queue,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), DeliveryError> {
+    let deliverer =
+        Arc::new(Deliverer::new(config.clone(), resources).map_err(DeliveryError::Resolver)?);
+    let concurrency = config.delivery.concurrency.max(1);
+    let stream = queue
+        .jetstream()
+        .get_stream(QUEUE_STREAM)
+        .await
+        .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            CONSUMER,
+            pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                description: Some("Herald delivery workers".into()),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: config.delivery.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: (concurrency * 64) as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(concurrency)
+        .messages()
+        .await
+        .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
+    info!(concurrency, "delivery worker pulling");
+
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut in_flight = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.changed() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let next = tokio::select! {
+            _ = shutdown.changed() => break,
+            m = messages.next() => m,
+        };
+        match next {
+            Some(Ok(msg)) => {
+                let (config, queue, deliverer) = (config.clone(), queue.clone(), deliverer.clone());
+                in_flight.spawn(async move {
+                    handle(&config, &queue, &deliverer, msg).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "pull failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            None => {
+                return Err(DeliveryError::Consumer("message stream ended".into()));
+            }
+        }
+        while in_flight.try_join_next().is_some() {}
+    }
+    drop(messages);
+    info!(
+        in_flight = in_flight.len(),
+        "delivery draining: no new entries pulled"
+    );
+    while in_flight.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn handle(config: &Config, queue: &Queue, deliverer: &Deliverer, msg: Message) {
+    let entry = match QueueEntry::decode(msg.payload.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            // Nothing can ever read it: keeping it would only loop.
+            error!(subject = %msg.subject, error = %e, "undecodable queue entry dropped");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+    let attempt = entry.attempt + delivered;
+    let span = info_span!("delivery.entry", queue_id = %entry.id, domain = %entry.domain, attempt, messaging.system = "nats");
+    async {
+        let now = now_unix();
+        if entry.not_before > now {
+            let wait = Duration::from_secs((entry.not_before - now) as u64);
+            let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+            return;
+        }
+        let Some(body_ref) = entry.body.as_ref() else {
+            finish(
+                queue,
+                &msg,
+                &entry,
+                attempt,
+                &Attempt {
+                    outcomes: entry
+                        .recipients
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.address.clone(),
+                                Outcome::Failed("entry has no body".into()),
+                            )
+                        })
+                        .collect(),
+                    remote_host: String::new(),
+                    tls: false,
+                },
+                config,
+            )
+            .await;
+            return;
+        };
+        let body = match queue.load_body(body_ref).await {
+            Ok(b) => b,
+            Err(CoreError::BodyMissing(_)) => {
+                let outcome = Attempt {
+                    outcomes: entry
+                        .recipients
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.address.clone(),
+                                Outcome::Failed("message body expired from the store".into()),
+                            )
+                        })
+                        .collect(),
+                    remote_host: String::new(),
+                    tls: false,
+                };
+                finish(queue, &msg, &entry, attempt, &outcome, config).await;
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "body unavailable; retrying soon");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await;
+                return;
+            }
+        };
+        // Keep the entry ours while the remote host takes its time.
+        let progress = async {
+            let mut tick = tokio::time::interval(config.delivery.ack_wait / 2);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let _ = msg.ack_with(AckKind::Progress).await;
+            }
+        };
+        let result = tokio::select! {
+            r = deliverer.attempt(&entry, &body) => r,
+            _ = progress => unreachable!("progress loop never ends"),
+        };
+        finish(queue, &msg, &entry, attempt, &result, config).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Turns outcomes into events and the entry's fate: acked when every recipient is
+/// finished, retried later for those deferred.
+async fn finish(
+    queue: &Queue,
+    msg: &Message,
+    entry: &QueueEntry,
+    attempt: u32,
+    result: &Attempt,
+    config: &Config,
+) {
+    let mut delivered = Vec::new();
+    let mut deferred = Vec::new();
+    let mut failed = Vec::new();
+    for (rcpt, outcome) in &result.outcomes {
+        match outcome {
+            Outcome::Delivered(r) => delivered.push((rcpt.clone(), r.to_string())),
+            Outcome::Deferred(why) => deferred.push((rcpt.clone(), why.clone())),
+            Outcome::Failed(why) => failed.push((rcpt.clone(), why.clone())),
+        }
+    }
+    let event = |kind: EventKind, list: &[(String, String)]| Event {
+        kind: kind as i32,
+        queue_id: entry.id.clone(),
+        account: entry.account.clone(),
+        sender: entry.sender.clone(),
+        recipients: list.iter().map(|(r, _)| r.clone()).collect(),
+        domain: entry.domain.clone(),
+        remote_host: result.remote_host.clone(),
+        reply_text: list.first().map(|(_, w)| w.clone()).unwrap_or_default(),
+        reply_code: list
+            .first()
+            .and_then(|(_, w)| w.get(..3))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        attempt,
+        at: now_unix(),
+        message_id: entry.message_id.clone(),
+        tls: result.tls,
+        ..Default::default()
+    };
+    for (rcpt, reply) in &delivered {
+        info!(rcpt = %rcpt, remote = %result.remote_host, tls = result.tls, reply = %reply, "delivered");
+    }
+    for (rcpt, why) in &failed {
+        warn!(rcpt = %rcpt, remote = %result.remote_host, reason = %why, "permanent failure");
+    }
+    for (rcpt, why) in &deferred {
+        info!(rcpt = %rcpt, remote = %result.remote_host, reason = %why, "deferred");
+    }
+    if !delivered.is_empty() {
+        queue
+            .publish_event(event(EventKind::Delivered, &delivered))
+            .await;
+    }
+    if !failed.is_empty() {
+        queue.publish_event(event(EventKind::Failed, &failed)).await;
+    }
+    if !deferred.is_empty() {
+        queue
+            .publish_event(event(EventKind::Deferred, &deferred))
+            .await;
+    }
+
+    let delay = backoff(config, attempt);
+    if deferred.is_empty() {
+        if let Err(e) = queue.finish_domain(entry).await {
+            warn!(error = %e, "pending record not updated");
+        }
+        if let Err(e) = msg.double_ack().await {
+            // Not acked: JetStream redelivers it, the worst case is one duplicate.
+            warn!(error = %e, "ack not confirmed");
+        }
+    } else if delivered.is_empty() && failed.is_empty() {
+        let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+    } else {
+        // Some recipients are done: only the deferred ones come back, as a new entry.
+        let retry = QueueEntry {
+            recipients: entry
+                .recipients
+                .iter()
+                .filter(|r| deferred.iter().any(|(d, _)| d == &r.address))
+                .cloned()
+                .collect::<Vec<Recipient>>(),
+            attempt,
+            not_before: now_unix() + delay.as_secs() as i64,
+            ..entry.clone()
+        };
+        match queue
+            .publish_entry(
+                &retry,
+                Some(format!("{}.{}.a{attempt}", entry.id, entry.domain)),
+            )
+            .await
+        {
+            Ok(_) => {
+                if let Err(e) = msg.double_ack().await {
+                    warn!(error = %e, "ack not confirmed");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "retry entry not queued; the whole entry will be retried");
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps_with_jitter() {
+        let mut config = Config::default();
+        config.delivery.retry.initial = Duration::from_secs(100);
+        config.delivery.retry.max = Duration::from_secs(350);
+        let secs = |n| backoff(&config, n).as_secs_f64();
+        assert!((90.0..=110.0).contains(&secs(1)));
+        assert!((180.0..=220.0).contains(&secs(2)));
+        assert!((315.0..=385.0).contains(&secs(3)));
+        assert!((315.0..=385.0).contains(&secs(40)));
+    }
+}

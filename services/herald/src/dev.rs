@@ -1,0 +1,131 @@
+//! `herald dev`: ingress, delivery and a sink in one process, against a local nats-server,
+//! with every message routed to the sink's Maildir. For a first look, not for production.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use herald_core::{
+    config::{Config, ListenerTls, TlsFiles},
+    resources::Documents,
+};
+use tokio::sync::watch;
+
+#[derive(clap::Args)]
+pub struct DevArgs {
+    /// Where dev mode keeps its TLS certificate and the sink's Maildir.
+    #[arg(long, default_value = ".dev")]
+    data_dir: PathBuf,
+    /// Directory of MailDomain / SmtpAccount / Secret documents.
+    #[arg(long, default_value = "examples")]
+    resources: PathBuf,
+}
+
+/// A self-signed certificate for `localhost`, made once and kept in the data directory.
+fn dev_certificate(dir: &Path) -> anyhow::Result<TlsFiles> {
+    let cert = dir.join("tls/cert.pem");
+    let key = dir.join("tls/key.pem");
+    if !cert.exists() || !key.exists() {
+        std::fs::create_dir_all(dir.join("tls"))?;
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .context("generating a self-signed certificate")?;
+        std::fs::write(&cert, ck.cert.pem())?;
+        std::fs::write(&key, ck.signing_key.serialize_pem())?;
+    }
+    Ok(TlsFiles { cert, key })
+}
+
+/// The first account of the resource directory and its password, for the hint we print.
+fn first_account(dir: &Path) -> Option<(String, String, String)> {
+    let (docs, _) = Documents::read_dir(dir).ok()?;
+    let acct = docs.smtp_accounts.first()?;
+    let ns = acct
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let r = &acct.spec.password_secret;
+    let password = docs
+        .secrets
+        .get(&format!("{ns}/{}", r.name))
+        .and_then(|d| d.get(&r.key))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.starts_with("$argon2"))
+        .unwrap_or_else(|| "<password>".into());
+    let domain = acct
+        .spec
+        .allowed_domains
+        .first()
+        .and_then(|name| {
+            docs.mail_domains
+                .iter()
+                .find(|d| d.metadata.name.as_deref() == Some(name))
+        })
+        .map(|d| d.spec.domain.clone())
+        .unwrap_or_else(|| "example.test".into());
+    Some((
+        acct.metadata.name.clone().unwrap_or_default(),
+        password,
+        domain,
+    ))
+}
+
+pub async fn run(
+    args: DevArgs,
+    config_path: Option<&Path>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut config = Config::load(config_path).context("reading configuration")?;
+    if config.ingress.tls.is_none() {
+        config.ingress.tls = Some(dev_certificate(&args.data_dir)?);
+    }
+    config.resources.dir = args.resources.clone();
+    config.sink.maildir = args.data_dir.join("maildir");
+    if config.delivery.relay_host.is_none() {
+        config.delivery.relay_host = Some(config.sink.addr);
+    }
+    let config = Arc::new(config);
+    let resources = crate::resources(&config)?;
+    let queue = crate::connect_queue(&config).await?;
+
+    let sink = tokio::spawn(herald_sink::serve(config.sink.clone(), shutdown.clone()));
+    let ingress = tokio::spawn(herald_ingress::serve(
+        config.clone(),
+        resources.clone(),
+        queue.clone(),
+        shutdown.clone(),
+    ));
+    let delivery = tokio::spawn(herald_delivery::run(
+        config.clone(),
+        resources,
+        queue,
+        shutdown,
+    ));
+
+    let submission = config
+        .ingress
+        .listeners
+        .iter()
+        .find(|l| l.tls == ListenerTls::Starttls)
+        .or(config.ingress.listeners.first());
+    if let (Some(l), Some((user, password, domain))) = (submission, first_account(&args.resources))
+    {
+        let tls = match l.tls {
+            ListenerTls::Starttls => " --tls",
+            ListenerTls::Implicit => " --tls-on-connect",
+            ListenerTls::None => "",
+        };
+        eprintln!(
+            "\nHerald dev is running. Send a first message:\n\n  swaks --server {ip} --port {port}{tls} --auth PLAIN --auth-user {user} --auth-password '{password}' --from hello@{domain} --to you@example.net\n\nEvery message is delivered, DKIM-signed, to the local sink: {maildir}/new/\nStop with Ctrl-C.\n",
+            ip = l.addr.ip(),
+            port = l.addr.port(),
+            maildir = config.sink.maildir.display(),
+        );
+    }
+
+    let (s, i, d) = tokio::join!(sink, ingress, delivery);
+    s??;
+    i??;
+    d??;
+    Ok(())
+}

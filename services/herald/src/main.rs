@@ -1,0 +1,133 @@
+//! `herald`: one binary, one subcommand per role.
+
+mod dev;
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use herald_core::{
+    config::Config,
+    queue::{self, Queue},
+    resources::{FileSource, ResourceSource},
+    telemetry,
+};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Kubernetes-native outbound mail relay"
+)]
+struct Cli {
+    /// Configuration file (YAML). Every key can be overridden with HERALD_<SECTION>__<KEY>.
+    #[arg(short, long, env = "HERALD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// SMTP submission server: authenticates apps and queues their mail in JetStream.
+    Ingress,
+    /// Delivery worker: JetStream queue to the recipients' MX hosts, DKIM-signed.
+    Delivery,
+    /// Receiving SMTP server that stores every message in a Maildir (tests, dev, benchmarks).
+    Sink,
+    /// All in one process: ingress, delivery and a sink that receives all mail.
+    Dev(dev::DevArgs),
+    /// Print the MailDomain and SmtpAccount CustomResourceDefinitions.
+    Crds,
+    /// Print an Argon2 hash of a password read from stdin, for an SmtpAccount's Secret.
+    HashPassword,
+    /// Print the queue's state as JSON.
+    Status,
+}
+
+/// Turns SIGTERM / Ctrl-C into the shutdown signal every role drains on.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested: draining");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn connect_queue(config: &Config) -> anyhow::Result<Queue> {
+    let client = queue::connect(&config.nats)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.nats.url))?;
+    Queue::setup(client, &config.nats)
+        .await
+        .context("setting up JetStream streams")
+}
+
+fn resources(config: &Config) -> anyhow::Result<Arc<dyn ResourceSource>> {
+    let source = FileSource::start(
+        config.resources.dir.clone(),
+        config.resources.reload_interval,
+    )
+    .with_context(|| format!("loading resources from {}", config.resources.dir.display()))?;
+    Ok(source)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let load = || Config::load(cli.config.as_deref()).context("reading configuration");
+    match cli.command {
+        Command::Ingress => {
+            telemetry::init("herald-ingress");
+            let config = Arc::new(load()?);
+            let resources = resources(&config)?;
+            let queue = connect_queue(&config).await?;
+            herald_ingress::serve(config, resources, queue, shutdown_signal()).await?;
+        }
+        Command::Delivery => {
+            telemetry::init("herald-delivery");
+            let config = Arc::new(load()?);
+            let resources = resources(&config)?;
+            let queue = connect_queue(&config).await?;
+            herald_delivery::run(config, resources, queue, shutdown_signal()).await?;
+        }
+        Command::Sink => {
+            telemetry::init("herald-sink");
+            let config = load()?;
+            herald_sink::serve(config.sink, shutdown_signal()).await?;
+        }
+        Command::Dev(args) => {
+            telemetry::init("herald-dev");
+            dev::run(args, cli.config.as_deref(), shutdown_signal()).await?;
+        }
+        Command::Crds => print!("{}", herald_operator::crds_yaml()?),
+        Command::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let hash = herald_core::password::hash(password.trim_end_matches(['\r', '\n']))
+                .map_err(anyhow::Error::msg)?;
+            println!("{hash}");
+        }
+        Command::Status => {
+            let config = load()?;
+            let queue = connect_queue(&config).await?;
+            let status = herald_api::queue_status(queue.jetstream()).await?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! End of DATA: trace headers, then the message into JetStream: body once, one entry per
+//! destination domain, `Ok` only after every PubAck.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use herald_core::{
+    envelope::{Event, EventKind, QueueEntry, Recipient},
+    queue::{Queue, submission_digest},
+    types::QueueId,
+};
+use mail_parser::{DateTime, MessageParser};
+
+/// One accepted transaction, ready to queue.
+pub struct Submission {
+    pub account: String,
+    pub sender: String,
+    pub sender_domain: String,
+    pub recipients: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub client_ip: String,
+    pub helo: String,
+    pub tls: Option<(String, String)>,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+}
+
+/// Why a message could not be queued; the client hears 451 and retries.
+#[derive(Debug, thiserror::Error)]
+#[error("queueing failed: {0}")]
+pub struct EnqueueError(#[from] herald_core::Error);
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The headers an MSA adds (RFC 6409 8.2/8.3, RFC 5321 4.4): Received always; Message-ID and
+/// Date when the client left them out.
+fn trace_headers(sub: &Submission, hostname: &str, id: &QueueId, now: i64) -> String {
+    let date = DateTime::from_timestamp(now).to_rfc822();
+    let protocol = match (sub.tls.is_some(), sub.smtputf8) {
+        (true, true) => "UTF8SMTPSA",
+        (true, false) => "ESMTPSA",
+        (false, true) => "UTF8SMTPA",
+        (false, false) => "ESMTPA",
+    };
+    let tls = sub
+        .tls
+        .as_ref()
+        .map(|(v, c)| format!("\r\n\t(using {v} with cipher {c})"))
+        .unwrap_or_default();
+    let mut h = format!(
+        "Received: from {helo} ([{ip}]){tls}\r\n\tby {hostname} (Herald) with {protocol} id {id};\r\n\t{date}\r\n",
+        helo = sub.helo,
+        ip = sub.client_ip,
+    );
+    let parsed = MessageParser::new().parse_headers(&sub.body);
+    let has_id = parsed.as_ref().and_then(|m| m.message_id()).is_some();
+    let has_date = parsed.as_ref().and_then(|m| m.date()).is_some();
+    if !has_id {
+        h.push_str(&format!("Message-ID: <{id}@{hostname}>\r\n"));
+    }
+    if !has_date {
+        h.push_str(&format!("Date: {date}\r\n"));
+    }
+    h
+}
+
+/// Queues `sub` and returns its queue id once JetStream has acknowledged everything.
+pub async fn enqueue(
+    queue: &Queue,
+    hostname: &str,
+    sub: Submission,
+) -> Result<QueueId, EnqueueError> {
+    let id = QueueId::generate();
+    let now = now_unix();
+    let rcpt_addrs: Vec<String> = sub.recipients.iter().map(|(a, _)| a.clone()).collect();
+    // Digest of what the client sent, before our own headers: a retry after a lost 250
+    // carries the same bytes and is recognised within the duplicate window.
+    let digest = submission_digest(&sub.account, &sub.sender, &rcpt_addrs, &sub.body);
+    let mut body = trace_headers(&sub, hostname, &id, now).into_bytes();
+    body.extend_from_slice(&sub.body);
+    let message_id = MessageParser::new()
+        .parse_headers(&body)
+        .and_then(|m| m.message_id().map(str::to_string))
+        .unwrap_or_default();
+    let size = body.len() as u64;
+
+    let body_ref = queue.store_body(id.as_str(), Bytes::from(body)).await?;
+
+    let mut by_domain: BTreeMap<&str, Vec<Recipient>> = BTreeMap::new();
+    for (address, domain) in &sub.recipients {
+        by_domain.entry(domain).or_default().push(Recipient {
+            address: address.clone(),
+            orcpt: String::new(),
+            notify: 0,
+        });
+    }
+    let domains: Vec<String> = by_domain.keys().map(|d| d.to_string()).collect();
+    queue.track_pending(id.as_str(), &domains).await?;
+
+    let entries: Vec<QueueEntry> = by_domain
+        .into_iter()
+        .map(|(domain, recipients)| QueueEntry {
+            id: id.to_string(),
+            account: sub.account.clone(),
+            sender: sub.sender.clone(),
+            domain: domain.to_string(),
+            recipients,
+            body: Some(body_ref.clone()),
+            attempt: 0,
+            not_before: 0,
+            received_at: now,
+            client_ip: sub.client_ip.clone(),
+            sender_domain: sub.sender_domain.clone(),
+            smtputf8: sub.smtputf8,
+            eight_bit: sub.eight_bit,
+            traceparent: String::new(),
+            message_id: message_id.clone(),
+        })
+        .collect();
+    let results = futures::future::join_all(
+        entries
+            .iter()
+            .map(|e| queue.publish_entry(e, Some(format!("{digest}.{}", e.domain)))),
+    )
+    .await;
+
+    let mut failure = None;
+    for (entry, result) in entries.iter().zip(results) {
+        match result {
+            // Queued earlier by the same submission (a client retry): this copy is not needed.
+            Ok(ack) if ack.duplicate => {
+                tracing::info!(queue_id = %id, domain = %entry.domain, "duplicate submission within the window");
+                queue.finish_domain(entry).await?;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(queue_id = %id, domain = %entry.domain, error = %e, "entry not queued");
+                failure = Some(e);
+            }
+        }
+    }
+    if let Some(e) = failure {
+        // Entries already acked stay queued: they are complete and will be delivered, and
+        // the client's retry is de-duplicated against them.
+        return Err(e.into());
+    }
+    queue
+        .publish_event(Event {
+            kind: EventKind::Received as i32,
+            queue_id: id.to_string(),
+            account: sub.account.clone(),
+            sender: sub.sender.clone(),
+            recipients: rcpt_addrs,
+            at: now,
+            message_id,
+            size,
+            tls: sub.tls.is_some(),
+            ..Default::default()
+        })
+        .await;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(body: &str) -> Submission {
+        Submission {
+            account: "default/app".into(),
+            sender: "a@example.test".into(),
+            sender_domain: "default/example-test".into(),
+            recipients: vec![("b@other.test".into(), "other.test".into())],
+            body: body.as_bytes().to_vec(),
+            client_ip: "127.0.0.1".into(),
+            helo: "client.test".into(),
+            tls: Some(("TLSv1_3".into(), "TLS13_AES_256_GCM_SHA384".into())),
+            smtputf8: false,
+            eight_bit: false,
+        }
+    }
+
+    #[test]
+    fn missing_message_id_and_date_are_added() {
+        let id = QueueId::from_string("01TEST".into());
+        let h = trace_headers(&sub("Subject: hi\r\n\r\nbody\r\n"), "mx.test", &id, 0);
+        assert!(h.starts_with("Received: from client.test ([127.0.0.1])"));
+        assert!(h.contains("with ESMTPSA id 01TEST"));
+        assert!(h.contains("Message-ID: <01TEST@mx.test>\r\n"));
+        assert!(h.contains("\r\nDate: "));
+    }
+
+    #[test]
+    fn existing_message_id_and_date_are_kept() {
+        let id = QueueId::from_string("01TEST".into());
+        let body = "Message-ID: <x@y>\r\nDate: Sat, 28 Nov 2026 10:00:00 +0000\r\n\r\nbody\r\n";
+        let h = trace_headers(&sub(body), "mx.test", &id, 0);
+        assert!(!h.contains("Message-ID"));
+        assert!(!h.contains("\r\nDate:"));
+    }
+}

@@ -1,0 +1,13 @@
+//! Herald ingress: the SMTP submission server apps talk to.
+//!
+//! A session authenticates the app ([`auth`]), checks policy while the dialogue runs so that
+//! refusals come at MAIL/RCPT time ([`session`]), and at the end of DATA hands the message to
+//! JetStream ([`enqueue`]); `250` is said only after every PubAck.
+
+pub mod auth;
+pub mod enqueue;
+pub mod listener;
+pub mod reply;
+pub mod session;
+
+pub use listener::serve;

@@ -1,0 +1,137 @@
+//! Listeners: accept connections, wrap them for TLS as configured, run sessions, drain on
+//! shutdown.
+
+use std::{sync::Arc, time::Duration};
+
+use herald_core::{
+    config::{Config, ListenerTls},
+    queue::Queue,
+    resources::ResourceSource,
+    smtp::{self, Conn, SmtpIo},
+    tls,
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tracing::{error, info};
+
+use crate::session::{self, SessionContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("listener {name} on {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener {0} needs TLS but ingress.tls has no certificate")]
+    NoCertificate(String),
+    #[error(transparent)]
+    Core(#[from] herald_core::Error),
+}
+
+/// Binds every listener, then serves until `shutdown` turns true; then stops accepting and
+/// gives open sessions `drain_timeout` to finish.
+pub async fn serve(
+    config: Arc<Config>,
+    resources: Arc<dyn ResourceSource>,
+    queue: Queue,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let acceptor = match &config.ingress.tls {
+        Some(files) => Some(smtp::acceptor(tls::server_config(files)?)),
+        None => None,
+    };
+    let mut listeners = Vec::new();
+    for l in &config.ingress.listeners {
+        if l.tls != ListenerTls::None && acceptor.is_none() {
+            return Err(ServeError::NoCertificate(l.name.clone()));
+        }
+        let socket = TcpListener::bind(l.addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                name: l.name.clone(),
+                addr: l.addr,
+                source,
+            })?;
+        info!(listener = %l.name, addr = %l.addr, tls = ?l.tls, "listening");
+        let ctx = Arc::new(SessionContext {
+            config: config.clone(),
+            listener: l.clone(),
+            resources: resources.clone(),
+            queue: queue.clone(),
+            tls: acceptor.clone(),
+            shutdown: shutdown.clone(),
+        });
+        listeners.push((socket, ctx));
+    }
+
+    let mut sessions = JoinSet::new();
+    let mut accepts = JoinSet::new();
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
+    for (socket, ctx) in listeners {
+        let tx = conn_tx.clone();
+        accepts.spawn(async move {
+            loop {
+                match socket.accept().await {
+                    Ok((tcp, peer)) => {
+                        if tx.send((tcp, peer, ctx.clone())).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    drop(conn_tx);
+
+    loop {
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+            Some((tcp, peer, ctx)) = conn_rx.recv() => {
+                let _ = tcp.set_nodelay(true);
+                sessions.spawn(async move {
+                    let handshake = ctx.config.ingress.command_timeout;
+                    let conn = if ctx.listener.tls == ListenerTls::Implicit {
+                        let Some(acceptor) = &ctx.tls else { return };
+                        match smtp::accept_implicit_tls(acceptor, tcp, handshake).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                info!(network.peer.address = %peer.ip(), error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        }
+                    } else {
+                        Conn::Plain(tcp)
+                    };
+                    session::run(SmtpIo::new(conn), peer, ctx).await;
+                });
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+
+    accepts.abort_all();
+    let open = sessions.len();
+    info!(open, "ingress draining: no new connections");
+    let drain = config.ingress.drain_timeout;
+    let drained = tokio::time::timeout(drain, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        info!(
+            left = sessions.len(),
+            "drain timeout: closing remaining sessions"
+        );
+        sessions.abort_all();
+    }
+    Ok(())
+}

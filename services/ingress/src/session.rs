@@ -1,0 +1,465 @@
+//! One SMTP submission session: greeting, EHLO, STARTTLS, AUTH, then transactions.
+//! Policy is checked as the dialogue runs so that each refusal names its reason at the
+//! command that caused it.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use herald_core::{
+    config::{Config, ListenerConfig, ListenerTls},
+    queue::Queue,
+    resources::{AccountView, ResourceSource, SenderDomainRefusal},
+    smtp::{Data, Incoming, SmtpIo},
+    types::Mailbox,
+};
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    auth::{Credentials, decode_line, decode_plain},
+    enqueue::{Submission, enqueue},
+    reply::{self, Reply},
+};
+
+/// Errors after which the session is closed (RFC 5321 leaves the number to the server).
+const MAX_ERRORS: u32 = 10;
+const MAX_AUTH_LINE: usize = 12 * 1024;
+
+/// What every session of one listener shares.
+pub struct SessionContext {
+    pub config: Arc<Config>,
+    pub listener: ListenerConfig,
+    pub resources: Arc<dyn ResourceSource>,
+    pub queue: Queue,
+    pub tls: Option<TlsAcceptor>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+struct Transaction {
+    sender: Mailbox,
+    sender_domain: String,
+    recipients: Vec<(String, String)>,
+    smtputf8: bool,
+    eight_bit: bool,
+}
+
+struct Session {
+    io: SmtpIo,
+    ctx: Arc<SessionContext>,
+    peer: SocketAddr,
+    helo: Option<String>,
+    account: Option<AccountView>,
+    txn: Option<Transaction>,
+    errors: u32,
+}
+
+enum Next {
+    Continue,
+    Close,
+}
+
+/// Runs a session to its end. Never panics on client input; every exit is logged.
+pub async fn run(io: SmtpIo, peer: SocketAddr, ctx: Arc<SessionContext>) {
+    let span = info_span!("smtp.session", listener = %ctx.listener.name, account = tracing::field::Empty, network.peer.address = %peer.ip(), network.peer.port = peer.port());
+    let mut session = Session {
+        io,
+        ctx,
+        peer,
+        helo: None,
+        account: None,
+        txn: None,
+        errors: 0,
+    };
+    async move {
+        if let Err(e) = session.serve().await {
+            info!(error = %e, "session ended by I/O error");
+        }
+        session.io.shutdown().await;
+    }
+    .instrument(span)
+    .await
+}
+
+impl Session {
+    fn hostname(&self) -> &str {
+        &self.ctx.config.ingress.hostname
+    }
+
+    fn send(&mut self, r: Reply) {
+        self.io.reply(r.code, r.esc, &r.text);
+    }
+
+    /// Counts a client error; past the limit the session is closed.
+    fn fail(&mut self, r: Reply) -> Next {
+        self.send(r);
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            self.send(Reply::too_many_errors());
+            return Next::Close;
+        }
+        Next::Continue
+    }
+
+    async fn serve(&mut self) -> std::io::Result<()> {
+        let greeting = format!("{} ESMTP Herald", self.hostname());
+        self.io.reply(220, "", &greeting);
+        let timeout = self.ctx.config.ingress.command_timeout;
+        loop {
+            if *self.ctx.shutdown.borrow() && self.txn.is_none() && !self.io.has_buffered_input() {
+                let r = Reply::shutting_down(self.hostname());
+                self.send(r);
+                return self.io.flush().await;
+            }
+            let incoming = match self.io.next_request(timeout).await {
+                Ok(i) => i,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    let r = Reply::timeout(self.hostname());
+                    self.send(r);
+                    return self.io.flush().await;
+                }
+                Err(e) => return Err(e),
+            };
+            let next = match incoming {
+                Incoming::Closed => return Ok(()),
+                Incoming::Invalid(e) => self.fail(reply::for_parse_error(&e)),
+                Incoming::Request(req) => self.handle(req).await?,
+            };
+            if let Next::Close = next {
+                return self.io.flush().await;
+            }
+        }
+    }
+
+    async fn handle(&mut self, req: Request<String>) -> std::io::Result<Next> {
+        Ok(match req {
+            Request::Ehlo { host } => {
+                self.ehlo(host);
+                Next::Continue
+            }
+            Request::Helo { host } => {
+                self.txn = None;
+                self.helo = Some(host);
+                let text = self.hostname().to_string();
+                self.io.reply(250, "", &text);
+                Next::Continue
+            }
+            Request::Lhlo { .. } => self.fail(Reply::not_implemented()),
+            Request::StartTls => return self.starttls().await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => return self.auth(mechanism, initial_response).await,
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to),
+            Request::Data => return self.data().await,
+            Request::Rset => {
+                self.txn = None;
+                self.send(Reply::ok());
+                Next::Continue
+            }
+            Request::Noop { .. } => {
+                self.send(Reply::ok());
+                Next::Continue
+            }
+            Request::Quit => {
+                self.send(Reply::bye());
+                Next::Close
+            }
+            Request::Vrfy { .. } => {
+                self.send(Reply::vrfy());
+                Next::Continue
+            }
+            Request::Help { .. } => {
+                self.send(Reply::help());
+                Next::Continue
+            }
+            Request::Bdat { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.fail(Reply::not_implemented()),
+        })
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.io.is_tls() || self.ctx.listener.allow_plaintext_auth
+    }
+
+    fn starttls_offered(&self) -> bool {
+        self.ctx.listener.tls == ListenerTls::Starttls
+            && self.ctx.tls.is_some()
+            && !self.io.is_tls()
+    }
+
+    fn ehlo(&mut self, host: String) {
+        self.txn = None;
+        self.helo = Some(host);
+        let ingress = &self.ctx.config.ingress;
+        let mut lines = vec![format!("{} Hello", ingress.hostname)];
+        lines.push("PIPELINING".into());
+        lines.push(format!("SIZE {}", ingress.max_message_size));
+        lines.push("8BITMIME".into());
+        lines.push("ENHANCEDSTATUSCODES".into());
+        if self.starttls_offered() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() && self.account.is_none() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.push("SMTPUTF8".into());
+        let text = lines.join("\n");
+        self.io.reply(250, "", &text);
+    }
+
+    async fn starttls(&mut self) -> std::io::Result<Next> {
+        if self.io.is_tls() {
+            return Ok(self.fail(Reply::already_tls()));
+        }
+        let Some(acceptor) = self.ctx.tls.clone().filter(|_| self.starttls_offered()) else {
+            return Ok(self.fail(Reply::tls_unavailable()));
+        };
+        self.send(Reply::ready_for_tls());
+        if let Err(e) = self
+            .io
+            .start_tls(&acceptor, self.ctx.config.ingress.command_timeout)
+            .await
+        {
+            // The stream is in an unknown state: nothing more can be said on it.
+            info!(error = %e, "TLS handshake failed");
+            return Ok(Next::Close);
+        }
+        // RFC 3207 4.2: forget everything learnt before TLS.
+        self.helo = None;
+        self.account = None;
+        self.txn = None;
+        Ok(Next::Continue)
+    }
+
+    async fn auth(&mut self, mechanism: u64, initial: String) -> std::io::Result<Next> {
+        if self.helo.is_none() {
+            return Ok(self.fail(Reply::need_helo()));
+        }
+        if self.account.is_some() {
+            return Ok(self.fail(Reply::already_authenticated()));
+        }
+        if self.txn.is_some() {
+            return Ok(self.fail(Reply::auth_in_transaction()));
+        }
+        if !self.auth_offered() {
+            return Ok(self.fail(Reply::encryption_required()));
+        }
+        let timeout = self.ctx.config.ingress.command_timeout;
+        let credentials = if mechanism == AUTH_PLAIN {
+            let response = if initial.is_empty() {
+                self.io.reply(334, "", "");
+                self.io.flush().await?;
+                match self.io.read_line(MAX_AUTH_LINE, timeout).await? {
+                    Some(line) => line,
+                    None => return Ok(Next::Close),
+                }
+            } else {
+                initial
+            };
+            if response.trim() == "*" {
+                return Ok(self.fail(Reply::auth_cancelled()));
+            }
+            match decode_plain(&response) {
+                Some(c) => c,
+                None => return Ok(self.fail(Reply::auth_malformed())),
+            }
+        } else if mechanism == AUTH_LOGIN {
+            let username = if initial.is_empty() {
+                self.io.reply(334, "", "VXNlcm5hbWU6");
+                self.io.flush().await?;
+                match self.io.read_line(MAX_AUTH_LINE, timeout).await? {
+                    Some(line) => line,
+                    None => return Ok(Next::Close),
+                }
+            } else {
+                initial
+            };
+            if username.trim() == "*" {
+                return Ok(self.fail(Reply::auth_cancelled()));
+            }
+            self.io.reply(334, "", "UGFzc3dvcmQ6");
+            self.io.flush().await?;
+            let Some(password) = self.io.read_line(MAX_AUTH_LINE, timeout).await? else {
+                return Ok(Next::Close);
+            };
+            if password.trim() == "*" {
+                return Ok(self.fail(Reply::auth_cancelled()));
+            }
+            match (decode_line(&username), decode_line(&password)) {
+                (Some(username), Some(password)) => Credentials { username, password },
+                _ => return Ok(self.fail(Reply::auth_malformed())),
+            }
+        } else {
+            return Ok(self.fail(Reply::unsupported_mechanism()));
+        };
+        let resources = self.ctx.resources.current();
+        let account = resources.account(&credentials.username).filter(|a| {
+            a.password
+                .as_ref()
+                .is_some_and(|p| p.verify(&credentials.password))
+        });
+        match account {
+            Some(a) => {
+                info!(account = %a.id, "authenticated");
+                tracing::Span::current().record("account", a.id.as_str());
+                self.account = Some(a.clone());
+                self.send(Reply::auth_ok());
+                Ok(Next::Continue)
+            }
+            None => {
+                warn!(username = %credentials.username, "authentication failed");
+                Ok(self.fail(Reply::bad_credentials()))
+            }
+        }
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Next {
+        if self.helo.is_none() {
+            return self.fail(Reply::need_helo());
+        }
+        let Some(account) = self.account.clone() else {
+            return self.fail(Reply::auth_required());
+        };
+        if self.txn.is_some() {
+            return self.fail(Reply::nested_mail());
+        }
+        let max = self.ctx.config.ingress.max_message_size;
+        if from.size > max {
+            return self.fail(Reply::message_too_big(max));
+        }
+        if from.address.is_empty() {
+            return self.fail(Reply::null_sender_refused());
+        }
+        let Some(sender) = Mailbox::parse(&from.address) else {
+            return self.fail(Reply::bad_sender_syntax());
+        };
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if sender.is_utf8() && !smtputf8 {
+            return self.fail(Reply::utf8_needs_smtputf8());
+        }
+        let resources = self.ctx.resources.current();
+        let domain = match resources.sender_domain(&account, sender.domain()) {
+            Ok(d) => d.id.clone(),
+            Err(SenderDomainRefusal::NotAllowed) => {
+                return self.fail(Reply::sender_domain_not_allowed(sender.domain().as_str()));
+            }
+            Err(SenderDomainRefusal::NotReady(reason)) => {
+                return self.fail(Reply::sender_domain_not_verified(
+                    sender.domain().as_str(),
+                    &reason,
+                ));
+            }
+        };
+        self.send(Reply::sender_ok(&from.address));
+        self.txn = Some(Transaction {
+            sender,
+            sender_domain: domain,
+            recipients: Vec::new(),
+            smtputf8,
+            eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+        });
+        Next::Continue
+    }
+
+    fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) -> Next {
+        // No open relay: without an authenticated account nothing is accepted, whatever the
+        // order of commands.
+        if self.account.is_none() {
+            return self.fail(Reply::auth_required());
+        }
+        let max = self.ctx.config.ingress.max_recipients;
+        let Some(txn) = self.txn.as_mut() else {
+            return self.fail(Reply::need_mail());
+        };
+        if txn.recipients.len() >= max {
+            self.send(Reply::too_many_recipients(max));
+            return Next::Continue;
+        }
+        let Some(rcpt) = Mailbox::parse(&to.address) else {
+            return self.fail(Reply::bad_recipient_syntax());
+        };
+        if rcpt.is_utf8() && !txn.smtputf8 {
+            return self.fail(Reply::utf8_needs_smtputf8());
+        }
+        txn.recipients
+            .push((rcpt.to_string(), rcpt.domain().as_str().to_string()));
+        self.send(Reply::recipient_ok(&to.address));
+        Next::Continue
+    }
+
+    async fn data(&mut self) -> std::io::Result<Next> {
+        let Some(account) = self.account.clone() else {
+            return Ok(self.fail(Reply::auth_required()));
+        };
+        match &self.txn {
+            None => return Ok(self.fail(Reply::need_mail())),
+            Some(t) if t.recipients.is_empty() => return Ok(self.fail(Reply::need_rcpt())),
+            Some(_) => {}
+        }
+        self.send(Reply::start_data());
+        let max = self.ctx.config.ingress.max_message_size;
+        let data = self
+            .io
+            .read_data(max, self.ctx.config.ingress.data_timeout)
+            .await;
+        let Some(txn) = self.txn.take() else {
+            return Ok(Next::Close);
+        };
+        let body = match data {
+            Ok(Data::Message(body)) => body,
+            Ok(Data::TooLarge) => {
+                self.send(Reply::message_too_big(max));
+                return Ok(Next::Continue);
+            }
+            Ok(Data::Closed) => return Ok(Next::Close),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                let r = Reply::timeout(self.hostname());
+                self.send(r);
+                return Ok(Next::Close);
+            }
+            Err(e) => return Err(e),
+        };
+        if !body.is_ascii() && !txn.eight_bit && !txn.smtputf8 {
+            return Ok(self.fail(Reply::eight_bit_needs_declaration()));
+        }
+        let submission = Submission {
+            account: account.id.clone(),
+            sender: txn.sender.to_string(),
+            sender_domain: txn.sender_domain,
+            recipients: txn.recipients,
+            body,
+            client_ip: self.peer.ip().to_string(),
+            helo: self.helo.clone().unwrap_or_default(),
+            tls: self.io.tls_info(),
+            smtputf8: txn.smtputf8,
+            eight_bit: txn.eight_bit,
+        };
+        let rcpts = submission.recipients.len();
+        let size = submission.body.len();
+        let span = info_span!("smtp.transaction", account = %account.id, rcpts, size, queue_id = tracing::field::Empty);
+        let result = enqueue(
+            &self.ctx.queue,
+            &self.ctx.config.ingress.hostname,
+            submission,
+        )
+        .instrument(span.clone())
+        .await;
+        match result {
+            Ok(id) => {
+                span.record("queue_id", id.as_str());
+                info!(parent: &span, queue_id = %id, "queued");
+                self.send(Reply::queued(id.as_str()));
+            }
+            Err(e) => {
+                warn!(parent: &span, error = %e, "message refused with 451");
+                self.send(Reply::queue_unavailable());
+            }
+        }
+        Ok(Next::Continue)
+    }
+}
