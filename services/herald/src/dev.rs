@@ -123,9 +123,12 @@ pub async fn run(
         );
     }
 
-    let (s, i, d) = tokio::join!(sink, ingress, delivery);
-    s??;
-    i??;
-    d??;
+    // Each role drains on the shutdown signal; if one fails, dev mode stops as a whole.
+    let (sink, ingress, delivery) = (
+        async { sink.await?.map_err(anyhow::Error::from) },
+        async { ingress.await?.map_err(anyhow::Error::from) },
+        async { delivery.await?.map_err(anyhow::Error::from) },
+    );
+    tokio::try_join!(sink, ingress, delivery)?;
     Ok(())
 }

@@ -111,7 +111,18 @@ impl Session {
                 self.send(r);
                 return self.io.flush().await;
             }
-            let incoming = match self.io.next_request(timeout).await {
+            let mut shutdown = self.ctx.shutdown.clone();
+            let idle = self.txn.is_none();
+            let read = tokio::select! {
+                r = self.io.next_request(timeout) => r,
+                // An idle session is told at once; one inside a transaction may finish it.
+                _ = async { let _ = shutdown.wait_for(|&stop| stop).await; }, if idle => {
+                    let r = Reply::shutting_down(self.hostname());
+                    self.send(r);
+                    return self.io.flush().await;
+                }
+            };
+            let incoming = match read {
                 Ok(i) => i,
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     let r = Reply::timeout(self.hostname());
