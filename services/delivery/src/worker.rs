@@ -83,44 +83,67 @@ pub async fn run(
         )
         .await
         .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(concurrency)
-        .messages()
-        .await
-        .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
     info!(concurrency, "delivery worker pulling");
 
+    // Pull only as many entries as there are free slots: an entry fetched but left waiting
+    // in a local buffer would run out its ack wait and be delivered twice.
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut in_flight = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.changed() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let next = tokio::select! {
-            _ = shutdown.changed() => break,
-            m = messages.next() => m,
-        };
-        match next {
-            Some(Ok(msg)) => {
-                let (config, queue, deliverer) = (config.clone(), queue.clone(), deliverer.clone());
-                in_flight.spawn(async move {
-                    handle(&config, &queue, &deliverer, msg).await;
-                    drop(permit);
-                });
-            }
-            Some(Err(e)) => {
-                warn!(error = %e, "pull failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            None => {
-                return Err(DeliveryError::Consumer("message stream ended".into()));
-            }
-        }
+    'pull: loop {
         while in_flight.try_join_next().is_some() {}
+        let first = tokio::select! {
+            _ = shutdown.changed() => break 'pull,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'pull },
+        };
+        let wanted = permits.available_permits() + 1;
+        let batch = consumer
+            .batch()
+            .max_messages(wanted)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "pull failed; retrying");
+                drop(first);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut permit = Some(first);
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.changed() => break 'pull,
+                m = batch.next() => m,
+            };
+            let msg = match next {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    warn!(error = %e, "pull failed; retrying");
+                    break;
+                }
+                None => break,
+            };
+            let p = match permit.take() {
+                Some(p) => p,
+                None => match permits.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    // Cannot happen (we asked for no more than the free slots), but never
+                    // drop an entry: work on it anyway.
+                    Err(_) => match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break 'pull,
+                    },
+                },
+            };
+            let (config, queue, deliverer) = (config.clone(), queue.clone(), deliverer.clone());
+            in_flight.spawn(async move {
+                handle(&config, &queue, &deliverer, msg).await;
+                drop(p);
+            });
+        }
     }
-    drop(messages);
     info!(
         in_flight = in_flight.len(),
         "delivery draining: no new entries pulled"

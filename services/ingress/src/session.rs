@@ -333,9 +333,6 @@ impl Session {
         if self.helo.is_none() {
             return self.fail(Reply::need_helo());
         }
-        let Some(account) = self.account.clone() else {
-            return self.fail(Reply::auth_required());
-        };
         if self.txn.is_some() {
             return self.fail(Reply::nested_mail());
         }
@@ -353,6 +350,19 @@ impl Session {
         if sender.is_utf8() && !smtputf8 {
             return self.fail(Reply::utf8_needs_smtputf8());
         }
+        // Unauthenticated: the sender is kept for the log only; every RCPT will be refused
+        // (no open relay), as MTAs do for relay attempts.
+        let Some(account) = self.account.clone() else {
+            self.send(Reply::sender_ok(&from.address));
+            self.txn = Some(Transaction {
+                sender,
+                sender_domain: String::new(),
+                recipients: Vec::new(),
+                smtputf8,
+                eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+            });
+            return Next::Continue;
+        };
         let resources = self.ctx.resources.current();
         let domain = match resources.sender_domain(&account, sender.domain()) {
             Ok(d) => d.id.clone(),
