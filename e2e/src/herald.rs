@@ -70,6 +70,20 @@ impl Herald {
         h
     }
 
+    /// Like [`Herald::start`], with extra environment variables (e.g. `OTEL_*`).
+    pub fn start_with_env(
+        scenario: &Scenario,
+        name: &str,
+        role: Role,
+        config: &Path,
+        ready_addr: Option<SocketAddr>,
+        env: &[(String, String)],
+    ) -> Herald {
+        let mut h = Herald::spawn_with_env(scenario, name, role, config, ready_addr, env);
+        h.wait_ready();
+        h
+    }
+
     /// Spawns without waiting (for crash tests that kill it right away).
     pub fn spawn(
         scenario: &Scenario,
@@ -77,6 +91,18 @@ impl Herald {
         role: Role,
         config: &Path,
         ready_addr: Option<SocketAddr>,
+    ) -> Herald {
+        Herald::spawn_with_env(scenario, name, role, config, ready_addr, &[])
+    }
+
+    /// Spawns with extra environment variables, without waiting.
+    pub fn spawn_with_env(
+        scenario: &Scenario,
+        name: &str,
+        role: Role,
+        config: &Path,
+        ready_addr: Option<SocketAddr>,
+        env: &[(String, String)],
     ) -> Herald {
         let bin = herald_bin();
         assert!(
@@ -98,6 +124,9 @@ impl Herald {
         )
         .env("RUST_LOG", &rust_log)
         .env("RUST_BACKTRACE", "1");
+        for (k, v) in env {
+            process = process.env(k, v);
+        }
         process.spawn();
         Herald {
             name: name.to_string(),

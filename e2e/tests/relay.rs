@@ -46,6 +46,16 @@ impl Relay {
     /// `algorithm`) -> MX mx1.example.test -> Postfix A; `other.test` -> Postfix B (only a
     /// recipient domain); SmtpAccount `app` / `s3cret` allowed `example-test`.
     fn start(name: &str, algorithm: DkimAlgorithm, start_delivery: bool) -> Relay {
+        Relay::start_with_env(name, algorithm, start_delivery, &[])
+    }
+
+    /// Like [`Relay::start`], with extra environment for both Herald processes.
+    fn start_with_env(
+        name: &str,
+        algorithm: DkimAlgorithm,
+        start_delivery: bool,
+        env: &[(String, String)],
+    ) -> Relay {
         require_netns();
         let bin = herald_bin();
         assert!(
@@ -119,15 +129,17 @@ impl Relay {
         });
         let config = config.write(&scenario.dir().join("herald.yaml"));
 
-        let ingress = Herald::start(
+        let ingress = Herald::start_with_env(
             &scenario,
             "ingress",
             Role::Ingress,
             &config,
             Some(submission),
+            env,
         );
-        let delivery = start_delivery
-            .then(|| Herald::start(&scenario, "delivery", Role::Delivery, &config, None));
+        let delivery = start_delivery.then(|| {
+            Herald::start_with_env(&scenario, "delivery", Role::Delivery, &config, None, env)
+        });
         Relay {
             delivery,
             ingress,

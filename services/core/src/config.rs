@@ -20,6 +20,15 @@ pub struct Config {
     pub ingress: IngressConfig,
     pub delivery: DeliveryConfig,
     pub sink: SinkConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the HTTP endpoint for `/healthz`, `/readyz` and Prometheus `/metrics`;
+    /// off when unset.
+    pub addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -7,9 +7,11 @@
 //! - [`smtp`]: server-side SMTP framing shared by ingress and the sink.
 //! - [`tls`], [`telemetry`], [`types`].
 
+pub mod admin;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod metrics;
 pub mod password;
 pub mod queue;
 pub mod resources;

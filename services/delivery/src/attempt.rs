@@ -33,6 +33,11 @@ pub struct Attempt {
     pub tls: bool,
 }
 
+/// Records what a host said on the current `smtp.client` span.
+fn record_reply(reply: &RemoteReply) {
+    tracing::Span::current().record("herald.smtp.reply_code", reply.code);
+}
+
 impl Attempt {
     fn all(entry: &QueueEntry, outcome: Outcome) -> Attempt {
         Attempt {
@@ -136,14 +141,24 @@ impl Deliverer {
         let mut last_error = String::from("no host tried");
         for hop in &hops {
             for &addr in &hop.addrs {
-                let span = info_span!("delivery.attempt", server.address = %hop.name, network.peer.address = %addr.ip(), queue_id = %entry.id);
+                let span = info_span!(
+                    "smtp.client",
+                    server.address = %hop.name,
+                    server.port = addr.port(),
+                    network.peer.address = %addr.ip(),
+                    network.local.address = tracing::field::Empty,
+                    herald.tls = tracing::field::Empty,
+                    herald.smtp.reply_code = tracing::field::Empty,
+                    error.type = tracing::field::Empty,
+                );
                 match self
                     .try_host(hop, addr, entry, &prefix, body)
-                    .instrument(span)
+                    .instrument(span.clone())
                     .await
                 {
                     Ok(attempt) => return attempt,
                     Err(e) => {
+                        span.record("error.type", "connection");
                         info!(queue_id = %entry.id, host = %hop.name, %addr, error = %e, "host failed, trying the next");
                         last_error = format!("{} [{}]: {e}", hop.name, addr);
                     }
@@ -212,6 +227,11 @@ impl Deliverer {
         };
         let mut conn = conn;
         let tls = conn.is_tls();
+        let span = tracing::Span::current();
+        span.record("herald.tls", tls);
+        if let Some(local) = conn.local {
+            span.record("network.local.address", local.ip().to_string());
+        }
         let remote_host = format!("{} [{}]", hop.name, addr.ip());
         let done = |outcomes| Attempt {
             outcomes,
@@ -263,6 +283,7 @@ impl Deliverer {
             Err(e) => return Err(e.to_string()),
         };
         if !mail.is_positive() {
+            record_reply(&mail);
             conn.quit().await;
             let o = outcome_for(&mail);
             return Ok(done(rcpts.into_iter().map(|r| (r, o.clone())).collect()));
@@ -286,7 +307,10 @@ impl Deliverer {
             .command_timeout
             .max(std::time::Duration::from_secs(600));
         let final_reply = match conn.data(prefix, body, data_timeout).await {
-            Ok(r) => outcome_for(&r),
+            Ok(r) => {
+                record_reply(&r);
+                outcome_for(&r)
+            }
             // The server may or may not have the message: deferring risks a duplicate,
             // never a loss.
             Err(e) => Outcome::Deferred(format!("{remote_host}: connection lost after DATA: {e}")),

@@ -147,6 +147,8 @@ pub struct Connection {
     timeout: Duration,
     pub capabilities: Capabilities,
     pub peer: SocketAddr,
+    /// Our side of the connection: the source IP the remote host judges us by.
+    pub local: Option<SocketAddr>,
 }
 
 impl Connection {
@@ -162,12 +164,14 @@ impl Connection {
             .map_err(|_| ClientError::ConnectTimeout(addr))?
             .map_err(|e| ClientError::Connect(addr, e))?;
         let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
         let mut conn = Connection {
             stream: Some(Stream::Plain(tcp)),
             buf: Vec::with_capacity(4096),
             timeout,
             capabilities: Capabilities::default(),
             peer: addr,
+            local,
         };
         let greeting = conn.read_reply().await?;
         Ok((conn, greeting))

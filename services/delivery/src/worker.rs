@@ -7,11 +7,15 @@ use async_nats::jetstream::{AckKind, Message, consumer::pull};
 use futures::StreamExt;
 use herald_core::{
     Error as CoreError,
+    admin::Health,
     config::Config,
     envelope::{Event, EventKind, QueueEntry, Recipient},
-    queue::{QUEUE_STREAM, Queue},
+    metrics::DeliveryMetrics,
+    queue::{QUEUE_STREAM, Queue, TRACEPARENT},
     resources::ResourceSource,
+    telemetry,
 };
+use opentelemetry::KeyValue;
 use prost::Message as _;
 use rand::Rng;
 use tokio::{
@@ -59,6 +63,7 @@ pub async fn run(
     resources: Arc<dyn ResourceSource>,
     queue: Queue,
     mut shutdown: watch::Receiver<bool>,
+    health: Arc<Health>,
 ) -> Result<(), DeliveryError> {
     let deliverer =
         Arc::new(Deliverer::new(config.clone(), resources).map_err(DeliveryError::Resolver)?);
@@ -84,10 +89,13 @@ pub async fn run(
         .await
         .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
     info!(concurrency, "delivery worker pulling");
+    health.set_ready(true);
+    let _queue_gauges = telemetry::metrics_enabled().then(|| watch_queue(consumer.clone()));
 
     // Pull only as many entries as there are free slots: an entry fetched but left waiting
     // in a local buffer would run out its ack wait and be delivered twice.
     let permits = Arc::new(Semaphore::new(concurrency));
+    let metrics = DeliveryMetrics::new();
     let mut in_flight = JoinSet::new();
     'pull: loop {
         while in_flight.try_join_next().is_some() {}
@@ -137,13 +145,19 @@ pub async fn run(
                     },
                 },
             };
-            let (config, queue, deliverer) = (config.clone(), queue.clone(), deliverer.clone());
+            let (config, queue, deliverer, metrics) = (
+                config.clone(),
+                queue.clone(),
+                deliverer.clone(),
+                metrics.clone(),
+            );
             in_flight.spawn(async move {
-                handle(&config, &queue, &deliverer, msg).await;
+                handle(&config, &queue, &deliverer, &metrics, msg).await;
                 drop(p);
             });
         }
     }
+    health.set_ready(false);
     info!(
         in_flight = in_flight.len(),
         "delivery draining: no new entries pulled"
@@ -152,7 +166,68 @@ pub async fn run(
     Ok(())
 }
 
-async fn handle(config: &Config, queue: &Queue, deliverer: &Deliverer, msg: Message) {
+/// Queue depth and consumer lag as gauges, polled from JetStream every 10 s. The returned
+/// instruments must stay alive for their callbacks to run.
+fn watch_queue(
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+) -> Vec<opentelemetry::metrics::ObservableGauge<u64>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let pending = Arc::new(AtomicU64::new(0));
+    let ack_pending = Arc::new(AtomicU64::new(0));
+    let redelivered = Arc::new(AtomicU64::new(0));
+    {
+        let (pending, ack_pending, redelivered) =
+            (pending.clone(), ack_pending.clone(), redelivered.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                match consumer.get_info().await {
+                    Ok(info) => {
+                        pending.store(info.num_pending, Ordering::Relaxed);
+                        ack_pending.store(info.num_ack_pending as u64, Ordering::Relaxed);
+                        redelivered.store(info.num_redelivered as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => warn!(error = %e, "consumer info unavailable for queue metrics"),
+                }
+            }
+        });
+    }
+    let meter = opentelemetry::global::meter("herald.delivery");
+    let gauge = |name: &'static str, desc: &'static str, v: Arc<AtomicU64>| {
+        meter
+            .u64_observable_gauge(name)
+            .with_description(desc)
+            .with_unit("{entry}")
+            .with_callback(move |o| o.observe(v.load(Ordering::Relaxed), &[]))
+            .build()
+    };
+    vec![
+        gauge(
+            "herald.queue.pending",
+            "Queue entries not yet handed to any worker (consumer lag)",
+            pending,
+        ),
+        gauge(
+            "herald.queue.ack_pending",
+            "Queue entries handed to workers and not yet acknowledged",
+            ack_pending,
+        ),
+        gauge(
+            "herald.queue.redelivered",
+            "Queue entries delivered to workers more than once",
+            redelivered,
+        ),
+    ]
+}
+
+async fn handle(
+    config: &Config,
+    queue: &Queue,
+    deliverer: &Deliverer,
+    metrics: &DeliveryMetrics,
+    msg: Message,
+) {
     let entry = match QueueEntry::decode(msg.payload.clone()) {
         Ok(e) => e,
         Err(e) => {
@@ -164,7 +239,30 @@ async fn handle(config: &Config, queue: &Queue, deliverer: &Deliverer, msg: Mess
     };
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
     let attempt = entry.attempt + delivered;
-    let span = info_span!("delivery.entry", queue_id = %entry.id, domain = %entry.domain, attempt, messaging.system = "nats");
+    // One span per delivery attempt, a child of the ingress transaction that queued the
+    // entry: a message deferred once shows two attempts in its trace.
+    let span = info_span!(
+        "delivery.attempt",
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %msg.subject,
+        messaging.message.id = %entry.id,
+        herald.domain = %entry.domain,
+        herald.attempt = attempt,
+        herald.outcome = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let traceparent = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(TRACEPARENT))
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_else(|| entry.traceparent.clone());
+    telemetry::continue_trace(&span, &traceparent);
+    if let Some(id) = telemetry::trace_id(&span) {
+        span.record("trace_id", id.as_str());
+    }
     async {
         let now = now_unix();
         if entry.not_before > now {
@@ -175,6 +273,7 @@ async fn handle(config: &Config, queue: &Queue, deliverer: &Deliverer, msg: Mess
         let Some(body_ref) = entry.body.as_ref() else {
             finish(
                 queue,
+                metrics,
                 &msg,
                 &entry,
                 attempt,
@@ -214,7 +313,7 @@ async fn handle(config: &Config, queue: &Queue, deliverer: &Deliverer, msg: Mess
                     remote_host: String::new(),
                     tls: false,
                 };
-                finish(queue, &msg, &entry, attempt, &outcome, config).await;
+                finish(queue, metrics, &msg, &entry, attempt, &outcome, config).await;
                 return;
             }
             Err(e) => {
@@ -238,7 +337,7 @@ async fn handle(config: &Config, queue: &Queue, deliverer: &Deliverer, msg: Mess
             r = deliverer.attempt(&entry, &body) => r,
             _ = progress => unreachable!("progress loop never ends"),
         };
-        finish(queue, &msg, &entry, attempt, &result, config).await;
+        finish(queue, metrics, &msg, &entry, attempt, &result, config).await;
     }
     .instrument(span)
     .await
@@ -248,6 +347,7 @@ async fn handle(config: &Config, queue: &Queue, deliverer: &Deliverer, msg: Mess
 /// finished, retried later for those deferred.
 async fn finish(
     queue: &Queue,
+    metrics: &DeliveryMetrics,
     msg: &Message,
     entry: &QueueEntry,
     attempt: u32,
@@ -293,7 +393,31 @@ async fn finish(
     for (rcpt, why) in &deferred {
         info!(rcpt = %rcpt, remote = %result.remote_host, reason = %why, "deferred");
     }
+    let outcome = match (delivered.is_empty(), deferred.is_empty(), failed.is_empty()) {
+        (false, true, true) => "delivered",
+        (true, false, true) => "deferred",
+        (true, true, false) => "failed",
+        _ => "mixed",
+    };
+    tracing::Span::current().record("herald.outcome", outcome);
+    let domain = KeyValue::new("domain", entry.domain.clone());
+    metrics
+        .attempts
+        .add(1, &[KeyValue::new("outcome", outcome), domain.clone()]);
+    for (kind, n) in [
+        ("delivered", delivered.len()),
+        ("deferred", deferred.len()),
+        ("failed", failed.len()),
+    ] {
+        if n > 0 {
+            metrics
+                .recipients
+                .add(n as u64, &[KeyValue::new("outcome", kind), domain.clone()]);
+        }
+    }
     if !delivered.is_empty() {
+        let waited = (now_unix() - entry.received_at).max(0) as f64;
+        metrics.latency.record(waited, &[domain]);
         queue
             .publish_event(event(EventKind::Delivered, &delivered))
             .await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use herald_core::{
+    admin::Health,
     config::{Config, ListenerTls, TlsFiles},
     resources::Documents,
 };
@@ -70,11 +71,9 @@ fn first_account(dir: &Path) -> Option<(String, String, String)> {
     ))
 }
 
-pub async fn run(
-    args: DevArgs,
-    config_path: Option<&Path>,
-    shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+/// Dev mode's configuration: the file (if any) plus dev defaults: a self-signed
+/// certificate, the example resources, and every message routed to the sink.
+pub fn config(args: &DevArgs, config_path: Option<&Path>) -> anyhow::Result<Config> {
     let mut config = Config::load(config_path).context("reading configuration")?;
     if config.ingress.tls.is_none() {
         config.ingress.tls = Some(dev_certificate(&args.data_dir)?);
@@ -84,22 +83,34 @@ pub async fn run(
     if config.delivery.relay_host.is_none() {
         config.delivery.relay_host = Some(config.sink.addr);
     }
+    Ok(config)
+}
+
+pub async fn run(
+    args: DevArgs,
+    config: Config,
+    shutdown: watch::Receiver<bool>,
+    health: Arc<Health>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let resources = crate::resources(&config)?;
     let queue = crate::connect_queue(&config).await?;
 
     let sink = tokio::spawn(herald_sink::serve(config.sink.clone(), shutdown.clone()));
+    // Dev mode is ready when ingress is: one health for the whole process.
     let ingress = tokio::spawn(herald_ingress::serve(
         config.clone(),
         resources.clone(),
         queue.clone(),
         shutdown.clone(),
+        health,
     ));
     let delivery = tokio::spawn(herald_delivery::run(
         config.clone(),
         resources,
         queue,
         shutdown,
+        herald_core::admin::Health::new(),
     ));
 
     let submission = config

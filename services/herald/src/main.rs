@@ -7,6 +7,7 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use herald_core::{
+    admin::{self, Health},
     config::Config,
     queue::{self, Queue},
     resources::{FileSource, ResourceSource},
@@ -68,6 +69,31 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
+/// Telemetry for `service`, and the admin endpoint (`/healthz`, `/readyz`, `/metrics`)
+/// when `admin.addr` is configured.
+fn observe(
+    service: &str,
+    config: &Config,
+    shutdown: &watch::Receiver<bool>,
+) -> (telemetry::Telemetry, Arc<Health>) {
+    let telemetry = telemetry::init(service, config.admin.addr.is_some());
+    let health = Health::new();
+    if let Some(addr) = config.admin.addr {
+        let serve = admin::serve(
+            addr,
+            health.clone(),
+            telemetry.prometheus_registry(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "admin endpoint stopped");
+            }
+        });
+    }
+    (telemetry, health)
+}
+
 async fn connect_queue(config: &Config) -> anyhow::Result<Queue> {
     let client = queue::connect(&config.nats)
         .await
@@ -92,27 +118,33 @@ async fn main() -> anyhow::Result<()> {
     let load = || Config::load(cli.config.as_deref()).context("reading configuration");
     match cli.command {
         Command::Ingress => {
-            telemetry::init("herald-ingress");
             let config = Arc::new(load()?);
+            let shutdown = shutdown_signal();
+            let (_telemetry, health) = observe("herald-ingress", &config, &shutdown);
             let resources = resources(&config)?;
             let queue = connect_queue(&config).await?;
-            herald_ingress::serve(config, resources, queue, shutdown_signal()).await?;
+            herald_ingress::serve(config, resources, queue, shutdown, health).await?;
         }
         Command::Delivery => {
-            telemetry::init("herald-delivery");
             let config = Arc::new(load()?);
+            let shutdown = shutdown_signal();
+            let (_telemetry, health) = observe("herald-delivery", &config, &shutdown);
             let resources = resources(&config)?;
             let queue = connect_queue(&config).await?;
-            herald_delivery::run(config, resources, queue, shutdown_signal()).await?;
+            herald_delivery::run(config, resources, queue, shutdown, health).await?;
         }
         Command::Sink => {
-            telemetry::init("herald-sink");
             let config = load()?;
-            herald_sink::serve(config.sink, shutdown_signal()).await?;
+            let shutdown = shutdown_signal();
+            let (_telemetry, health) = observe("herald-sink", &config, &shutdown);
+            health.set_ready(true);
+            herald_sink::serve(config.sink, shutdown).await?;
         }
         Command::Dev(args) => {
-            telemetry::init("herald-dev");
-            dev::run(args, cli.config.as_deref(), shutdown_signal()).await?;
+            let config = dev::config(&args, cli.config.as_deref())?;
+            let shutdown = shutdown_signal();
+            let (_telemetry, health) = observe("herald-dev", &config, &shutdown);
+            dev::run(args, config, shutdown, health).await?;
         }
         Command::Crds => print!("{}", herald_operator::crds_yaml()?),
         Command::HashPassword => {

@@ -23,6 +23,8 @@ pub struct Submission {
     pub tls: Option<(String, String)>,
     pub smtputf8: bool,
     pub eight_bit: bool,
+    /// W3C trace context of the transaction, carried by every queue entry.
+    pub traceparent: String,
 }
 
 /// Why a message could not be queued; the client hears 451 and retries.
@@ -118,7 +120,7 @@ pub async fn enqueue(
             sender_domain: sub.sender_domain.clone(),
             smtputf8: sub.smtputf8,
             eight_bit: sub.eight_bit,
-            traceparent: String::new(),
+            traceparent: sub.traceparent.clone(),
             message_id: message_id.clone(),
         })
         .collect();
@@ -182,6 +184,7 @@ mod tests {
             tls: Some(("TLSv1_3".into(), "TLS13_AES_256_GCM_SHA384".into())),
             smtputf8: false,
             eight_bit: false,
+            traceparent: String::new(),
         }
     }
 

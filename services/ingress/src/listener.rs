@@ -4,7 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use herald_core::{
+    admin::Health,
     config::{Config, ListenerTls},
+    metrics::IngressMetrics,
     queue::Queue,
     resources::ResourceSource,
     smtp::{self, Conn, SmtpIo},
@@ -36,11 +38,13 @@ pub async fn serve(
     resources: Arc<dyn ResourceSource>,
     queue: Queue,
     mut shutdown: watch::Receiver<bool>,
+    health: Arc<Health>,
 ) -> Result<(), ServeError> {
     let acceptor = match &config.ingress.tls {
         Some(files) => Some(smtp::acceptor(tls::server_config(files)?)),
         None => None,
     };
+    let metrics = IngressMetrics::new();
     let mut listeners = Vec::new();
     for l in &config.ingress.listeners {
         if l.tls != ListenerTls::None && acceptor.is_none() {
@@ -61,10 +65,12 @@ pub async fn serve(
             queue: queue.clone(),
             tls: acceptor.clone(),
             shutdown: shutdown.clone(),
+            metrics: metrics.clone(),
         });
         listeners.push((socket, ctx));
     }
 
+    health.set_ready(true);
     let mut sessions = JoinSet::new();
     let mut accepts = JoinSet::new();
     let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
@@ -118,6 +124,8 @@ pub async fn serve(
         }
     }
 
+    // Not ready first, so load balancers stop sending before sessions are told to go.
+    health.set_ready(false);
     accepts.abort_all();
     let open = sessions.len();
     info!(open, "ingress draining: no new connections");

@@ -6,9 +6,11 @@ use std::{net::SocketAddr, sync::Arc};
 
 use herald_core::{
     config::{Config, ListenerConfig, ListenerTls},
+    metrics::IngressMetrics,
     queue::Queue,
     resources::{AccountView, ResourceSource, SenderDomainRefusal},
     smtp::{Data, Incoming, SmtpIo},
+    telemetry,
     types::Mailbox,
 };
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
@@ -34,6 +36,7 @@ pub struct SessionContext {
     pub queue: Queue,
     pub tls: Option<TlsAcceptor>,
     pub shutdown: watch::Receiver<bool>,
+    pub metrics: IngressMetrics,
 }
 
 struct Transaction {
@@ -61,7 +64,21 @@ enum Next {
 
 /// Runs a session to its end. Never panics on client input; every exit is logged.
 pub async fn run(io: SmtpIo, peer: SocketAddr, ctx: Arc<SessionContext>) {
-    let span = info_span!("smtp.session", listener = %ctx.listener.name, account = tracing::field::Empty, network.peer.address = %peer.ip(), network.peer.port = peer.port());
+    let span = info_span!(
+        "smtp.session",
+        listener = %ctx.listener.name,
+        herald.account = tracing::field::Empty,
+        network.peer.address = %peer.ip(),
+        network.peer.port = peer.port(),
+        server.port = ctx.listener.addr.port(),
+    );
+    ctx.metrics.connections.add(
+        1,
+        &[opentelemetry::KeyValue::new(
+            "listener",
+            ctx.listener.name.clone(),
+        )],
+    );
     let mut session = Session {
         io,
         ctx,
@@ -317,13 +334,14 @@ impl Session {
         match account {
             Some(a) => {
                 info!(account = %a.id, "authenticated");
-                tracing::Span::current().record("account", a.id.as_str());
+                tracing::Span::current().record("herald.account", a.id.as_str());
                 self.account = Some(a.clone());
                 self.send(Reply::auth_ok());
                 Ok(Next::Continue)
             }
             None => {
                 warn!(username = %credentials.username, "authentication failed");
+                self.ctx.metrics.auth_failures.add(1, &[]);
                 Ok(self.fail(Reply::bad_credentials()))
             }
         }
@@ -367,9 +385,11 @@ impl Session {
         let domain = match resources.sender_domain(&account, sender.domain()) {
             Ok(d) => d.id.clone(),
             Err(SenderDomainRefusal::NotAllowed) => {
+                self.ctx.metrics.refused("sender_domain_not_allowed");
                 return self.fail(Reply::sender_domain_not_allowed(sender.domain().as_str()));
             }
             Err(SenderDomainRefusal::NotReady(reason)) => {
+                self.ctx.metrics.refused("sender_domain_not_verified");
                 return self.fail(Reply::sender_domain_not_verified(
                     sender.domain().as_str(),
                     &reason,
@@ -391,6 +411,7 @@ impl Session {
         // No open relay: without an authenticated account nothing is accepted, whatever the
         // order of commands.
         if self.account.is_none() {
+            self.ctx.metrics.refused("auth_required");
             return self.fail(Reply::auth_required());
         }
         let max = self.ctx.config.ingress.max_recipients;
@@ -422,6 +443,22 @@ impl Session {
             Some(t) if t.recipients.is_empty() => return Ok(self.fail(Reply::need_rcpt())),
             Some(_) => {}
         }
+        // Each message is its own trace (a session may carry many); the session span is
+        // linked, not the parent.
+        let span = info_span!(
+            parent: None,
+            "smtp.transaction",
+            herald.account = %account.id,
+            client.address = %self.peer.ip(),
+            herald.recipients = tracing::field::Empty,
+            messaging.message.body.size = tracing::field::Empty,
+            messaging.message.id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        span.follows_from(tracing::Span::current());
+        if let Some(id) = telemetry::trace_id(&span) {
+            span.record("trace_id", id.as_str());
+        }
         self.send(Reply::start_data());
         let max = self.ctx.config.ingress.max_message_size;
         let data = self
@@ -434,6 +471,7 @@ impl Session {
         let body = match data {
             Ok(Data::Message(body)) => body,
             Ok(Data::TooLarge) => {
+                self.ctx.metrics.refused("message_too_big");
                 self.send(Reply::message_too_big(max));
                 return Ok(Next::Continue);
             }
@@ -446,6 +484,7 @@ impl Session {
             Err(e) => return Err(e),
         };
         if !body.is_ascii() && !txn.eight_bit && !txn.smtputf8 {
+            self.ctx.metrics.refused("undeclared_8bit");
             return Ok(self.fail(Reply::eight_bit_needs_declaration()));
         }
         let submission = Submission {
@@ -459,10 +498,11 @@ impl Session {
             tls: self.io.tls_info(),
             smtputf8: txn.smtputf8,
             eight_bit: txn.eight_bit,
+            traceparent: telemetry::traceparent(&span).unwrap_or_default(),
         };
-        let rcpts = submission.recipients.len();
         let size = submission.body.len();
-        let span = info_span!("smtp.transaction", account = %account.id, rcpts, size, queue_id = tracing::field::Empty);
+        span.record("herald.recipients", submission.recipients.len());
+        span.record("messaging.message.body.size", size);
         let result = enqueue(
             &self.ctx.queue,
             &self.ctx.config.ingress.hostname,
@@ -472,12 +512,18 @@ impl Session {
         .await;
         match result {
             Ok(id) => {
-                span.record("queue_id", id.as_str());
+                span.record("messaging.message.id", id.as_str());
                 info!(parent: &span, queue_id = %id, "queued");
+                self.ctx
+                    .metrics
+                    .messages
+                    .add(1, &[opentelemetry::KeyValue::new("outcome", "accepted")]);
+                self.ctx.metrics.message_size.record(size as u64, &[]);
                 self.send(Reply::queued(id.as_str()));
             }
             Err(e) => {
                 warn!(parent: &span, error = %e, "message refused with 451");
+                self.ctx.metrics.refused("queue_unavailable");
                 self.send(Reply::queue_unavailable());
             }
         }
