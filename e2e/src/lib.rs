@@ -19,7 +19,9 @@ mod nats;
 mod postfix;
 mod process;
 mod resources;
+mod smtp;
 mod swaks;
+mod world;
 
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -34,7 +36,9 @@ pub use mail::{dkim_signatures, dkim_tags, header_values};
 pub use nats::Nats;
 pub use postfix::Postfix;
 pub use resources::{DkimAlgorithm, DkimSpec, Resources, Verification};
+pub use smtp::RawSmtp;
 pub use swaks::{Swaks, SwaksOutput, swaks};
+pub use world::{WORLD_ACCOUNT, WORLD_PASSWORD, World, plaintext_listener};
 
 /// Panics unless the scenario runs inside the private network namespace made by
 /// `scripts/netns.sh` (which sets `HERALD_E2E_NETNS=1`). Every scenario calls it first:

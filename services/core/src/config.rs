@@ -139,6 +139,27 @@ pub struct IngressConfig {
     /// Time an ingress pod keeps open sessions after SIGTERM before closing them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Concurrent connections one pod accepts in all (`421 4.7.0` beyond).
+    pub max_connections: usize,
+    /// Concurrent connections one pod accepts from one client IP (`421 4.7.0` beyond).
+    pub max_connections_per_ip: usize,
+    /// Failed AUTH attempts from one IP, counted across all pods, before it is blocked.
+    pub max_auth_failures: u64,
+    /// How long failed AUTH attempts are remembered (and an IP stays blocked) after the last.
+    #[serde(with = "humantime_serde")]
+    pub auth_failure_window: Duration,
+    /// Longest line in a message, CRLF excluded (RFC 5322 2.1.1: 998).
+    pub max_line_length: usize,
+    /// A bare CR or LF in a message: `reject` (550 5.5.2, the default: it is how SMTP
+    /// smuggling starts) or `normalize` (rewritten to CRLF).
+    pub bare_line_endings: BareLineEndings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndings {
+    Reject,
+    Normalize,
 }
 
 impl Default for IngressConfig {
@@ -165,6 +186,12 @@ impl Default for IngressConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(30),
+            max_connections: 1000,
+            max_connections_per_ip: 10,
+            max_auth_failures: 5,
+            auth_failure_window: Duration::from_secs(600),
+            max_line_length: 998,
+            bare_line_endings: BareLineEndings::Reject,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod password;
 pub mod queue;

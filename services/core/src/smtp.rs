@@ -87,6 +87,10 @@ pub enum Data {
 
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Longest command line accepted, CRLF included. RFC 5321 4.5.3.1.4 says 512 but lets
+/// extensions raise it (SMTPUTF8 addresses, AUTH initial responses); 4096 as smtp-proto.
+pub const MAX_COMMAND_LINE: usize = 4096;
+
 /// Buffered SMTP I/O over one connection. Replies are queued and flushed only when the
 /// client's input is exhausted, so a pipelined batch gets its replies in one write, in order.
 pub struct SmtpIo {
@@ -95,6 +99,8 @@ pub struct SmtpIo {
     pos: usize,
     out: Vec<u8>,
     receiver: RequestReceiver,
+    /// Inside an over-long command line: input is dropped up to its LF.
+    skipping_line: bool,
 }
 
 impl SmtpIo {
@@ -105,6 +111,7 @@ impl SmtpIo {
             pos: 0,
             out: Vec::with_capacity(1024),
             receiver: RequestReceiver::default(),
+            skipping_line: false,
         }
     }
 
@@ -211,17 +218,49 @@ impl SmtpIo {
         }
     }
 
-    /// Reads the next command, waiting at most `timeout` for the client.
+    /// Reads the next command, waiting at most `timeout` for the client. A command line
+    /// longer than [`MAX_COMMAND_LINE`] is skipped whole and reported as
+    /// `Invalid(ResponseTooLong)`, so its tail is never read as a command.
     pub async fn next_request(&mut self, timeout: Duration) -> io::Result<Incoming> {
         loop {
-            if self.pos < self.inbuf.len() {
-                let mut iter = self.inbuf[self.pos..].iter();
-                let result = self.receiver.ingest(&mut iter).map(Request::into_owned);
-                self.pos = self.inbuf.len() - iter.len();
-                match result {
-                    Ok(req) => return Ok(Incoming::Request(req)),
-                    Err(smtp_proto::Error::NeedsMoreData { .. }) => {}
-                    Err(e) => return Ok(Incoming::Invalid(e)),
+            let rest = &self.inbuf[self.pos..];
+            if self.skipping_line {
+                match rest.iter().position(|&b| b == b'\n') {
+                    Some(lf) => {
+                        self.pos += lf + 1;
+                        self.skipping_line = false;
+                        continue;
+                    }
+                    None => self.pos = self.inbuf.len(),
+                }
+            } else {
+                match rest.iter().position(|&b| b == b'\n') {
+                    Some(lf) if lf + 1 > MAX_COMMAND_LINE => {
+                        self.pos += lf + 1;
+                        return Ok(Incoming::Invalid(smtp_proto::Error::ResponseTooLong));
+                    }
+                    Some(lf) => {
+                        let line = &self.inbuf[self.pos..self.pos + lf + 1];
+                        let mut iter = line.iter();
+                        let result = self.receiver.ingest(&mut iter).map(Request::into_owned);
+                        self.pos += lf + 1 - iter.len();
+                        self.receiver = RequestReceiver::default();
+                        match result {
+                            Ok(req) => return Ok(Incoming::Request(req)),
+                            Err(smtp_proto::Error::NeedsMoreData { .. }) => {
+                                return Ok(Incoming::Invalid(smtp_proto::Error::SyntaxError {
+                                    syntax: "command",
+                                }));
+                            }
+                            Err(e) => return Ok(Incoming::Invalid(e)),
+                        }
+                    }
+                    None if rest.len() > MAX_COMMAND_LINE => {
+                        self.pos = self.inbuf.len();
+                        self.skipping_line = true;
+                        return Ok(Incoming::Invalid(smtp_proto::Error::ResponseTooLong));
+                    }
+                    None => {}
                 }
             }
             if self.fill(timeout).await? == 0 {
@@ -293,6 +332,7 @@ impl SmtpIo {
         self.inbuf.clear();
         self.pos = 0;
         self.receiver = RequestReceiver::default();
+        self.skipping_line = false;
         let Some(Conn::Plain(tcp)) = self.conn.take() else {
             return Err(io::Error::other("TLS already active"));
         };
@@ -392,6 +432,27 @@ mod tests {
         assert!(matches!(
             io.next_request(T).await.expect("noop"),
             Incoming::Request(Request::Noop { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_overlong_command_line_is_skipped_whole() {
+        let (mut io, mut client) = pair().await;
+        let mut line = b"NOOP ".to_vec();
+        line.extend(std::iter::repeat_n(b'z', 5000));
+        line.extend_from_slice(b"\r\nQUIT\r\n");
+        // In two writes, so the long line also arrives split across reads.
+        client.write_all(&line[..3000]).await.expect("write");
+        client.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.write_all(&line[3000..]).await.expect("write");
+        assert!(matches!(
+            io.next_request(T).await.expect("read"),
+            Incoming::Invalid(smtp_proto::Error::ResponseTooLong)
+        ));
+        assert!(matches!(
+            io.next_request(T).await.expect("quit"),
+            Incoming::Request(Request::Quit)
         ));
     }
 

@@ -5,6 +5,7 @@
 //! JetStream ([`enqueue`]); `250` is said only after every PubAck.
 
 pub mod auth;
+pub mod content;
 pub mod enqueue;
 pub mod listener;
 pub mod reply;

@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 use herald_core::{
     admin::Health,
     config::{Config, ListenerTls},
+    limits::Limits,
     metrics::IngressMetrics,
     queue::Queue,
     resources::ResourceSource,
@@ -15,7 +16,63 @@ use herald_core::{
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{error, info};
 
-use crate::session::{self, SessionContext};
+use crate::{
+    reply::Reply,
+    session::{self, SessionContext},
+};
+
+/// Open connections per client IP on this pod. A slot is given back when dropped.
+#[derive(Default)]
+struct ConnectionCounts {
+    per_ip: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+struct Slot {
+    counts: Arc<ConnectionCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl ConnectionCounts {
+    fn admit(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        max_total: usize,
+        max_per_ip: usize,
+    ) -> Result<Slot, Reply> {
+        let mut map = match self.per_ip.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let total: usize = map.values().sum();
+        if total >= max_total {
+            return Err(Reply::too_many_connections());
+        }
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max_per_ip {
+            return Err(Reply::too_many_connections_from(&ip.to_string()));
+        }
+        *n += 1;
+        Ok(Slot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = match self.counts.per_ip.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -45,6 +102,13 @@ pub async fn serve(
         None => None,
     };
     let metrics = IngressMetrics::new();
+    let limits = Limits::setup(
+        queue.jetstream(),
+        config.nats.replicas,
+        config.ingress.auth_failure_window,
+    )
+    .await?;
+    let connections = Arc::new(ConnectionCounts::default());
     let mut listeners = Vec::new();
     for l in &config.ingress.listeners {
         if l.tls != ListenerTls::None && acceptor.is_none() {
@@ -66,6 +130,7 @@ pub async fn serve(
             tls: acceptor.clone(),
             shutdown: shutdown.clone(),
             metrics: metrics.clone(),
+            limits: limits.clone(),
         });
         listeners.push((socket, ctx));
     }
@@ -101,9 +166,24 @@ pub async fn serve(
                     break;
                 }
             }
-            Some((tcp, peer, ctx)) = conn_rx.recv() => {
+            Some((mut tcp, peer, ctx)) = conn_rx.recv() => {
                 let _ = tcp.set_nodelay(true);
+                let ingress = &config.ingress;
+                let slot = match connections.admit(peer.ip(), ingress.max_connections, ingress.max_connections_per_ip) {
+                    Ok(slot) => slot,
+                    Err(reply) => {
+                        // Refused before any TLS: the reply goes out in clear, then close.
+                        info!(network.peer.address = %peer.ip(), reply = %reply, "connection refused");
+                        sessions.spawn(async move {
+                            use tokio::io::AsyncWriteExt;
+                            let _ = tcp.write_all(format!("{reply}\r\n").as_bytes()).await;
+                            let _ = tcp.shutdown().await;
+                        });
+                        continue;
+                    }
+                };
                 sessions.spawn(async move {
+                    let _slot = slot;
                     let handshake = ctx.config.ingress.command_timeout;
                     let conn = if ctx.listener.tls == ListenerTls::Implicit {
                         let Some(acceptor) = &ctx.tls else { return };

@@ -204,6 +204,50 @@ impl Reply {
             "Address needs SMTPUTF8; declare it on MAIL FROM",
         )
     }
+    pub fn line_too_long_in_message(max: usize) -> Reply {
+        Reply::new(
+            550,
+            "5.5.2",
+            format!("Message has a line longer than {max} octets (RFC 5322 2.1.1)"),
+        )
+    }
+    pub fn bare_line_ending() -> Reply {
+        Reply::new(
+            550,
+            "5.5.2",
+            "Message contains a bare CR or LF; lines must end with CRLF",
+        )
+    }
+    pub fn no_from_header() -> Reply {
+        Reply::new(550, "5.6.0", "Message has no From header (RFC 5322 3.6)")
+    }
+    pub fn bad_from_header(address: &str) -> Reply {
+        Reply::new(
+            550,
+            "5.6.0",
+            format!("From header address {address} is not valid"),
+        )
+    }
+    pub fn from_domain_not_allowed(domain: &str) -> Reply {
+        Reply::new(
+            550,
+            "5.7.1",
+            format!("From header domain {domain} is not allowed"),
+        )
+    }
+    pub fn too_many_connections_from(ip: &str) -> Reply {
+        Reply::new(421, "4.7.0", format!("Too many connections from {ip}"))
+    }
+    pub fn too_many_connections() -> Reply {
+        Reply::new(421, "4.7.0", "Too many connections, try again later")
+    }
+    pub fn auth_blocked(ip: &str) -> Reply {
+        Reply::new(
+            421,
+            "4.7.0",
+            format!("Too many failed authentications from {ip}; try again later"),
+        )
+    }
     pub fn eight_bit_needs_declaration() -> Reply {
         Reply::new(
             554,

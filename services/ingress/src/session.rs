@@ -6,6 +6,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use herald_core::{
     config::{Config, ListenerConfig, ListenerTls},
+    limits::Limits,
     metrics::IngressMetrics,
     queue::Queue,
     resources::{AccountView, ResourceSource, SenderDomainRefusal},
@@ -20,6 +21,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     auth::{Credentials, decode_line, decode_plain},
+    content::{check_lines, from_domains},
     enqueue::{Submission, enqueue},
     reply::{self, Reply},
 };
@@ -37,6 +39,7 @@ pub struct SessionContext {
     pub tls: Option<TlsAcceptor>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: IngressMetrics,
+    pub limits: Limits,
 }
 
 struct Transaction {
@@ -210,6 +213,19 @@ impl Session {
         })
     }
 
+    /// True when this client IP failed AUTH too often, on any pod, within the window.
+    async fn auth_blocked(&self) -> bool {
+        match self.ctx.limits.auth_failures(self.peer.ip()).await {
+            Ok(n) => n >= self.ctx.config.ingress.max_auth_failures,
+            // The shared store is down: fail open for this check only; passwords are still
+            // verified, and queueing will refuse with 451 anyway.
+            Err(e) => {
+                warn!(error = %e, "AUTH failure count unavailable");
+                false
+            }
+        }
+    }
+
     fn auth_offered(&self) -> bool {
         self.io.is_tls() || self.ctx.listener.allow_plaintext_auth
     }
@@ -277,6 +293,10 @@ impl Session {
         if !self.auth_offered() {
             return Ok(self.fail(Reply::encryption_required()));
         }
+        if self.auth_blocked().await {
+            self.send(Reply::auth_blocked(&self.peer.ip().to_string()));
+            return Ok(Next::Close);
+        }
         let timeout = self.ctx.config.ingress.command_timeout;
         let credentials = if mechanism == AUTH_PLAIN {
             let response = if initial.is_empty() {
@@ -342,7 +362,19 @@ impl Session {
             None => {
                 warn!(username = %credentials.username, "authentication failed");
                 self.ctx.metrics.auth_failures.add(1, &[]);
-                Ok(self.fail(Reply::bad_credentials()))
+                let failures = match self.ctx.limits.record_auth_failure(self.peer.ip()).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(error = %e, "AUTH failure not recorded");
+                        0
+                    }
+                };
+                let next = self.fail(Reply::bad_credentials());
+                if failures >= self.ctx.config.ingress.max_auth_failures {
+                    self.send(Reply::auth_blocked(&self.peer.ip().to_string()));
+                    return Ok(Next::Close);
+                }
+                Ok(next)
             }
         }
     }
@@ -434,6 +466,23 @@ impl Session {
         Next::Continue
     }
 
+    /// Every header From address must be under a domain the account may send from.
+    fn check_header_from(&self, account: &AccountView, body: &[u8]) -> Result<(), Reply> {
+        let resources = self.ctx.resources.current();
+        for domain in from_domains(body)? {
+            match resources.sender_domain(account, &domain) {
+                Ok(_) => {}
+                Err(SenderDomainRefusal::NotAllowed) => {
+                    return Err(Reply::from_domain_not_allowed(domain.as_str()));
+                }
+                Err(SenderDomainRefusal::NotReady(reason)) => {
+                    return Err(Reply::sender_domain_not_verified(domain.as_str(), &reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn data(&mut self) -> std::io::Result<Next> {
         let Some(account) = self.account.clone() else {
             return Ok(self.fail(Reply::auth_required()));
@@ -486,6 +535,18 @@ impl Session {
         if !body.is_ascii() && !txn.eight_bit && !txn.smtputf8 {
             self.ctx.metrics.refused("undeclared_8bit");
             return Ok(self.fail(Reply::eight_bit_needs_declaration()));
+        }
+        let ingress = &self.ctx.config.ingress;
+        let body = match check_lines(body, ingress.bare_line_endings, ingress.max_line_length) {
+            Ok(b) => b,
+            Err(r) => {
+                self.ctx.metrics.refused("line_syntax");
+                return Ok(self.fail(r));
+            }
+        };
+        if let Err(r) = self.check_header_from(&account, &body) {
+            self.ctx.metrics.refused("from_domain_not_allowed");
+            return Ok(self.fail(r));
         }
         let submission = Submission {
             account: account.id.clone(),
