@@ -38,7 +38,7 @@ pub use postfix::Postfix;
 pub use resources::{DkimAlgorithm, DkimSpec, Resources, Verification};
 pub use smtp::RawSmtp;
 pub use swaks::{Swaks, SwaksOutput, swaks};
-pub use world::{WORLD_ACCOUNT, WORLD_PASSWORD, World, plaintext_listener};
+pub use world::{WORLD_ACCOUNT, WORLD_PASSWORD, World, WorldOptions, plaintext_listener};
 
 /// Panics unless the scenario runs inside the private network namespace made by
 /// `scripts/netns.sh` (which sets `HERALD_E2E_NETNS=1`). Every scenario calls it first:

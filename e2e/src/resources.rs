@@ -188,6 +188,25 @@ impl Resources {
         self.secret(&secret, &[], &[("password", password)])
     }
 
+    /// Merges `spec_yaml` (a YAML mapping, e.g. `{hourlyLimit: 10}`) into the spec of the
+    /// SmtpAccount `name` written earlier.
+    pub fn account_spec(&mut self, name: &str, spec_yaml: &str) -> &mut Resources {
+        let extra: Mapping = serde_yaml::from_str(spec_yaml).expect("spec fragment is a mapping");
+        let doc = self
+            .docs
+            .iter_mut()
+            .find(|d| d["kind"] == s("SmtpAccount") && d["metadata"]["name"] == s(name))
+            .expect("the SmtpAccount exists");
+        let spec = doc
+            .get_mut("spec")
+            .and_then(Value::as_mapping_mut)
+            .expect("the SmtpAccount has a spec");
+        for (k, v) in extra {
+            spec.insert(k, v);
+        }
+        self
+    }
+
     /// Any other document, as is.
     pub fn document(&mut self, doc: Value) -> &mut Resources {
         self.docs.push(doc);

@@ -15,6 +15,17 @@ use crate::{
 pub const WORLD_ACCOUNT: &str = "app";
 pub const WORLD_PASSWORD: &str = "s3cret";
 
+/// How a [`World`] differs from the default one.
+#[derive(Default, Clone)]
+pub struct WorldOptions {
+    pub ingress_env: Vec<(String, String)>,
+    pub delivery_env: Vec<(String, String)>,
+    /// Ingress listens without TLS and allows AUTH in clear.
+    pub plaintext: bool,
+    /// YAML mapping merged into the account's spec (e.g. `{hourlyLimit: 10}`).
+    pub account_spec: Option<String>,
+}
+
 pub struct World {
     pub ingress: Herald,
     pub delivery: Herald,
@@ -39,21 +50,37 @@ impl World {
         ingress_env: &[(String, String)],
         delivery_env: &[(String, String)],
     ) -> World {
-        World::start_with(name, ingress_env, delivery_env, false)
+        World::start_with(
+            name,
+            WorldOptions {
+                ingress_env: ingress_env.to_vec(),
+                delivery_env: delivery_env.to_vec(),
+                ..Default::default()
+            },
+        )
     }
 
     /// Ingress listens without TLS and allows AUTH in clear (for raw-protocol probes);
     /// `submission` is that listener.
     pub fn start_plaintext(name: &str, ingress_env: &[(String, String)]) -> World {
-        World::start_with(name, ingress_env, &[], true)
+        World::start_with(
+            name,
+            WorldOptions {
+                ingress_env: ingress_env.to_vec(),
+                plaintext: true,
+                ..Default::default()
+            },
+        )
     }
 
-    fn start_with(
-        name: &str,
-        ingress_env: &[(String, String)],
-        delivery_env: &[(String, String)],
-        plaintext: bool,
-    ) -> World {
+    pub fn start_with(name: &str, opts: WorldOptions) -> World {
+        let WorldOptions {
+            ingress_env,
+            delivery_env,
+            plaintext,
+            account_spec,
+        } = opts;
+        let (ingress_env, delivery_env) = (&ingress_env[..], &delivery_env[..]);
         let scenario = Scenario::new(name);
         let nats = Nats::start(&scenario);
         let mx = Postfix::start(&scenario, "example");
@@ -76,6 +103,7 @@ impl World {
                 None,
             )
             .account_with_password(WORLD_ACCOUNT, WORLD_PASSWORD, &["example-test"])
+            .account_spec(WORLD_ACCOUNT, account_spec.as_deref().unwrap_or("{}"))
             .write(&resources);
         let (cert, keyfile) = self_signed_cert(&scenario.subdir("tls"));
         let submission = SocketAddr::from((scenario.ip(), 587));

@@ -7,6 +7,7 @@
 //! - [`smtp`]: server-side SMTP framing shared by ingress and the sink.
 //! - [`tls`], [`telemetry`], [`types`].
 
+pub mod account;
 pub mod admin;
 pub mod config;
 pub mod envelope;

@@ -115,6 +115,28 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// Gives back `n` counted by [`Limits::add_hourly`] for a message that was not queued
+    /// after all. Best effort: a failure only leaves the count high until the hour ends.
+    pub async fn release_hourly(&self, account: &str, hour: i64, n: u64) {
+        let key = rate_key(account, hour);
+        for _ in 0..CAS_ATTEMPTS {
+            let Ok(Some(e)) = self.rates.entry(key.as_str()).await else {
+                return;
+            };
+            let next = parse_count(&e.value).saturating_sub(n);
+            if self
+                .rates
+                .update(key.as_str(), Bytes::from(next.to_string()), e.revision)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+}
+
 fn rate_key(account: &str, hour: i64) -> String {
     format!(
         "{}.{hour}",

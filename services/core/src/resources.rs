@@ -154,6 +154,9 @@ pub struct SmtpAccountSpec {
     /// MailDomains (names, same namespace) this account may send from; any local part.
     #[serde(default)]
     pub allowed_domains: Vec<String>,
+    /// Client networks, hourly limit, sender defaults and egress pool.
+    #[serde(flatten)]
+    pub policy: crate::account::AccountPolicy,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema)]
@@ -203,6 +206,9 @@ pub struct AccountView {
     /// `None` when its Secret or key is missing: such an account cannot authenticate.
     pub password: Option<StoredPassword>,
     pub allowed_domains: Vec<String>,
+    pub policy: crate::account::AccountPolicy,
+    /// `policy.client_networks`, parsed.
+    pub networks: Vec<ipnet::IpNet>,
 }
 
 /// Why a sender domain may not be used by an account.
@@ -222,6 +228,20 @@ pub struct Resources {
 impl Resources {
     pub fn account(&self, username: &str) -> Option<&AccountView> {
         self.accounts.get(username)
+    }
+
+    /// The account whose client networks contain `ip` (the most specific network wins).
+    pub fn account_for_client(&self, ip: std::net::IpAddr) -> Option<&AccountView> {
+        self.accounts
+            .values()
+            .flat_map(|a| {
+                a.networks
+                    .iter()
+                    .filter(|n| n.contains(&ip))
+                    .map(move |n| (n.prefix_len(), a))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, a)| a)
     }
 
     pub fn domain(&self, id: &str) -> Option<&DomainView> {
@@ -343,12 +363,19 @@ impl Resources {
             let password = secret(&namespace, &r.name)
                 .and_then(|d| d.get(&r.key))
                 .map(|p| StoredPassword::new(p.trim_end_matches(['\r', '\n'])));
+            let id = format!("{namespace}/{name}");
             let view = AccountView {
-                id: format!("{namespace}/{name}"),
+                id: id.clone(),
                 name: name.clone(),
                 namespace,
                 password,
                 allowed_domains: acct.spec.allowed_domains.clone(),
+                networks: acct
+                    .spec
+                    .policy
+                    .networks()
+                    .map_err(|e| format!("SmtpAccount {id}: {e}"))?,
+                policy: acct.spec.policy.clone(),
             };
             if let Some(other) = accounts.insert(name.clone(), view) {
                 return Err(format!(

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use herald_core::{
+    account::SenderDefaults,
     envelope::{Event, EventKind, QueueEntry, Recipient},
     queue::{Queue, submission_digest},
     types::QueueId,
@@ -25,6 +26,10 @@ pub struct Submission {
     pub eight_bit: bool,
     /// W3C trace context of the transaction, carried by every queue entry.
     pub traceparent: String,
+    /// Headers the account wants added.
+    pub defaults: SenderDefaults,
+    /// Unix seconds before which delivery may not start (held by the hourly limit), or 0.
+    pub not_before: i64,
 }
 
 /// Why a message could not be queued; the client hears 451 and retries.
@@ -40,7 +45,8 @@ fn now_unix() -> i64 {
 }
 
 /// The headers an MSA adds (RFC 6409 8.2/8.3, RFC 5321 4.4): Received always; Message-ID and
-/// Date when the client left them out.
+/// Date when the client left them out; then the account's sender defaults, each only where
+/// the message does not already carry that header.
 fn trace_headers(sub: &Submission, hostname: &str, id: &QueueId, now: i64) -> String {
     let date = DateTime::from_timestamp(now).to_rfc822();
     let protocol = match (sub.tls.is_some(), sub.smtputf8) {
@@ -54,19 +60,55 @@ fn trace_headers(sub: &Submission, hostname: &str, id: &QueueId, now: i64) -> St
         .as_ref()
         .map(|(v, c)| format!("\r\n\t(using {v} with cipher {c})"))
         .unwrap_or_default();
+    let from = if sub.defaults.hide_client_ip {
+        sub.helo.clone()
+    } else {
+        format!("{} ([{}])", sub.helo, sub.client_ip)
+    };
     let mut h = format!(
-        "Received: from {helo} ([{ip}]){tls}\r\n\tby {hostname} (Herald) with {protocol} id {id};\r\n\t{date}\r\n",
-        helo = sub.helo,
-        ip = sub.client_ip,
+        "Received: from {from}{tls}\r\n\tby {hostname} (Herald) with {protocol} id {id};\r\n\t{date}\r\n",
     );
     let parsed = MessageParser::new().parse_headers(&sub.body);
-    let has_id = parsed.as_ref().and_then(|m| m.message_id()).is_some();
-    let has_date = parsed.as_ref().and_then(|m| m.date()).is_some();
-    if !has_id {
+    let has = |name: &str| {
+        parsed.as_ref().is_some_and(|m| {
+            m.headers()
+                .iter()
+                .any(|hd| hd.name().as_str().eq_ignore_ascii_case(name))
+        })
+    };
+    if !has("Message-ID") {
         h.push_str(&format!("Message-ID: <{id}@{hostname}>\r\n"));
     }
-    if !has_date {
+    if !has("Date") {
         h.push_str(&format!("Date: {date}\r\n"));
+    }
+    let d = &sub.defaults;
+    h.push_str(&format!(
+        "{}: {}\r\n",
+        d.identification_header(),
+        sub.account
+    ));
+    if let Some(reply_to) = d.reply_to.as_deref().filter(|_| !has("Reply-To")) {
+        h.push_str(&format!("Reply-To: {reply_to}\r\n"));
+    }
+    if let Some(to) = d
+        .read_receipt_to
+        .as_deref()
+        .filter(|_| !has("Disposition-Notification-To"))
+    {
+        h.push_str(&format!("Disposition-Notification-To: {to}\r\n"));
+    }
+    if let Some(url) = d
+        .unsubscribe_url
+        .as_deref()
+        .filter(|_| !has("List-Unsubscribe"))
+    {
+        let url = url
+            .replace("{queue_id}", id.as_str())
+            .replace("{account}", &sub.account);
+        h.push_str(&format!(
+            "List-Unsubscribe: <{url}>\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+        ));
     }
     h
 }
@@ -114,7 +156,7 @@ pub async fn enqueue(
             recipients,
             body: Some(body_ref.clone()),
             attempt: 0,
-            not_before: 0,
+            not_before: sub.not_before,
             received_at: now,
             client_ip: sub.client_ip.clone(),
             sender_domain: sub.sender_domain.clone(),
@@ -185,6 +227,8 @@ mod tests {
             smtputf8: false,
             eight_bit: false,
             traceparent: String::new(),
+            defaults: SenderDefaults::default(),
+            not_before: 0,
         }
     }
 
@@ -196,6 +240,27 @@ mod tests {
         assert!(h.contains("with ESMTPSA id 01TEST"));
         assert!(h.contains("Message-ID: <01TEST@mx.test>\r\n"));
         assert!(h.contains("\r\nDate: "));
+    }
+
+    #[test]
+    fn sender_defaults_are_added_where_absent() {
+        let id = QueueId::from_string("01TEST".into());
+        let mut s = sub("Reply-To: mine@example.test\r\nSubject: hi\r\n\r\nbody\r\n");
+        s.defaults = SenderDefaults {
+            reply_to: Some("support@example.test".into()),
+            read_receipt_to: Some("receipts@example.test".into()),
+            identification_header: None,
+            unsubscribe_url: Some("https://u.example.test/{account}/{queue_id}".into()),
+            hide_client_ip: true,
+        };
+        let h = trace_headers(&s, "mx.test", &id, 0);
+        assert!(h.contains("X-Herald-Account: default/app\r\n"));
+        assert!(!h.contains("Reply-To"), "the message's own Reply-To wins");
+        assert!(h.contains("Disposition-Notification-To: receipts@example.test\r\n"));
+        assert!(h.contains("List-Unsubscribe: <https://u.example.test/default/app/01TEST>\r\n"));
+        assert!(h.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"));
+        assert!(h.starts_with("Received: from client.test\r\n"), "{h}");
+        assert!(!h.contains("127.0.0.1"));
     }
 
     #[test]

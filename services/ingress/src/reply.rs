@@ -38,6 +38,29 @@ impl Reply {
     pub fn queued(id: &str) -> Reply {
         Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
     }
+    pub fn queued_held(id: &str, until: &str) -> Reply {
+        Reply::new(
+            250,
+            "2.0.0",
+            format!("Ok: queued as {id}; held until {until} UTC by the hourly limit"),
+        )
+    }
+    pub fn hourly_limit(limit: u64, account: &str, retry_after: &str) -> Reply {
+        Reply::new(
+            451,
+            "4.7.1",
+            format!(
+                "Hourly limit of {limit} messages reached for account {account}; retry after {retry_after} UTC"
+            ),
+        )
+    }
+    pub fn limits_unavailable() -> Reply {
+        Reply::new(
+            451,
+            "4.3.0",
+            "Sending limits cannot be checked right now; try again later",
+        )
+    }
     pub fn bye() -> Reply {
         Reply::new(221, "2.0.0", "Bye")
     }

@@ -58,6 +58,8 @@ struct Session {
     account: Option<AccountView>,
     txn: Option<Transaction>,
     errors: u32,
+    /// The account was bound by the client's network, not by AUTH (AUTH may replace it).
+    by_network: bool,
 }
 
 enum Next {
@@ -90,6 +92,7 @@ pub async fn run(io: SmtpIo, peer: SocketAddr, ctx: Arc<SessionContext>) {
         account: None,
         txn: None,
         errors: 0,
+        by_network: false,
     };
     async move {
         if let Err(e) = session.serve().await {
@@ -121,7 +124,19 @@ impl Session {
         Next::Continue
     }
 
+    /// Binds the account whose client networks contain the peer, if any.
+    fn bind_client_network(&mut self) {
+        let resources = self.ctx.resources.current();
+        if let Some(a) = resources.account_for_client(self.peer.ip()) {
+            info!(account = %a.id, "client network bound to account");
+            tracing::Span::current().record("herald.account", a.id.as_str());
+            self.account = Some(a.clone());
+            self.by_network = true;
+        }
+    }
+
     async fn serve(&mut self) -> std::io::Result<()> {
+        self.bind_client_network();
         let greeting = format!("{} ESMTP Herald", self.hostname());
         self.io.reply(220, "", &greeting);
         let timeout = self.ctx.config.ingress.command_timeout;
@@ -182,7 +197,7 @@ impl Session {
                 initial_response,
             } => return self.auth(mechanism, initial_response).await,
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to),
+            Request::Rcpt { to } => self.rcpt(to).await,
             Request::Data => return self.data().await,
             Request::Rset => {
                 self.txn = None;
@@ -248,7 +263,7 @@ impl Session {
         if self.starttls_offered() {
             lines.push("STARTTLS".into());
         }
-        if self.auth_offered() && self.account.is_none() {
+        if self.auth_offered() && (self.account.is_none() || self.by_network) {
             lines.push("AUTH PLAIN LOGIN".into());
         }
         lines.push("SMTPUTF8".into());
@@ -276,7 +291,9 @@ impl Session {
         // RFC 3207 4.2: forget everything learnt before TLS.
         self.helo = None;
         self.account = None;
+        self.by_network = false;
         self.txn = None;
+        self.bind_client_network();
         Ok(Next::Continue)
     }
 
@@ -284,7 +301,7 @@ impl Session {
         if self.helo.is_none() {
             return Ok(self.fail(Reply::need_helo()));
         }
-        if self.account.is_some() {
+        if self.account.is_some() && !self.by_network {
             return Ok(self.fail(Reply::already_authenticated()));
         }
         if self.txn.is_some() {
@@ -356,6 +373,7 @@ impl Session {
                 info!(account = %a.id, "authenticated");
                 tracing::Span::current().record("herald.account", a.id.as_str());
                 self.account = Some(a.clone());
+                self.by_network = false;
                 self.send(Reply::auth_ok());
                 Ok(Next::Continue)
             }
@@ -439,7 +457,7 @@ impl Session {
         Next::Continue
     }
 
-    fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) -> Next {
+    async fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) -> Next {
         // No open relay: without an authenticated account nothing is accepted, whatever the
         // order of commands.
         if self.account.is_none() {
@@ -460,10 +478,42 @@ impl Session {
         if rcpt.is_utf8() && !txn.smtputf8 {
             return self.fail(Reply::utf8_needs_smtputf8());
         }
+        let wanted = txn.recipients.len() as u64 + 1;
+        if let Some(refusal) = self.hourly_refusal(wanted).await {
+            self.send(refusal);
+            return Next::Continue;
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return self.fail(Reply::need_mail());
+        };
         txn.recipients
             .push((rcpt.to_string(), rcpt.domain().as_str().to_string()));
         self.send(Reply::recipient_ok(&to.address));
         Next::Continue
+    }
+
+    /// The refusal owed when `wanted` more recipient-messages would pass the account's
+    /// hourly ceiling (limit plus tolerance), counted across every pod.
+    async fn hourly_refusal(&self, wanted: u64) -> Option<Reply> {
+        let account = self.account.as_ref()?;
+        let ceiling = account.policy.hourly_ceiling()?;
+        let limit = account.policy.hourly_limit?;
+        let hour = unix_now() / 3600;
+        match self.ctx.limits.hourly_count(&account.id, hour).await {
+            Ok(count) if count + wanted > ceiling => {
+                self.ctx.metrics.refused("hourly_limit");
+                Some(Reply::hourly_limit(
+                    limit,
+                    &account.id,
+                    &hour_start_utc(hour + 1),
+                ))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, "hourly count unavailable");
+                Some(Reply::limits_unavailable())
+            }
+        }
     }
 
     /// Every header From address must be under a domain the account may send from.
@@ -548,6 +598,38 @@ impl Session {
             self.ctx.metrics.refused("from_domain_not_allowed");
             return Ok(self.fail(r));
         }
+        // Count the message against the hourly limit, for the whole cluster at once.
+        let hour = unix_now() / 3600;
+        let rcpt_count = txn.recipients.len() as u64;
+        let mut held_until = None;
+        if let (Some(limit), Some(ceiling)) =
+            (account.policy.hourly_limit, account.policy.hourly_ceiling())
+        {
+            match self
+                .ctx
+                .limits
+                .add_hourly(&account.id, hour, rcpt_count, ceiling)
+                .await
+            {
+                Ok(Some(count)) if count > limit => held_until = Some(hour + 1),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    self.ctx.metrics.refused("hourly_limit");
+                    self.send(Reply::hourly_limit(
+                        limit,
+                        &account.id,
+                        &hour_start_utc(hour + 1),
+                    ));
+                    return Ok(Next::Continue);
+                }
+                Err(e) => {
+                    warn!(error = %e, "hourly count unavailable");
+                    self.send(Reply::limits_unavailable());
+                    return Ok(Next::Continue);
+                }
+            }
+        }
+        let counted = account.policy.hourly_limit.is_some();
         let submission = Submission {
             account: account.id.clone(),
             sender: txn.sender.to_string(),
@@ -560,6 +642,8 @@ impl Session {
             smtputf8: txn.smtputf8,
             eight_bit: txn.eight_bit,
             traceparent: telemetry::traceparent(&span).unwrap_or_default(),
+            defaults: account.policy.sender_defaults.clone(),
+            not_before: held_until.map(|h| h * 3600).unwrap_or(0),
         };
         let size = submission.body.len();
         span.record("herald.recipients", submission.recipients.len());
@@ -580,14 +664,35 @@ impl Session {
                     .messages
                     .add(1, &[opentelemetry::KeyValue::new("outcome", "accepted")]);
                 self.ctx.metrics.message_size.record(size as u64, &[]);
-                self.send(Reply::queued(id.as_str()));
+                match held_until {
+                    Some(h) => self.send(Reply::queued_held(id.as_str(), &hour_start_utc(h))),
+                    None => self.send(Reply::queued(id.as_str())),
+                }
             }
             Err(e) => {
                 warn!(parent: &span, error = %e, "message refused with 451");
                 self.ctx.metrics.refused("queue_unavailable");
+                if counted {
+                    self.ctx
+                        .limits
+                        .release_hourly(&account.id, hour, rcpt_count)
+                        .await;
+                }
                 self.send(Reply::queue_unavailable());
             }
         }
         Ok(Next::Continue)
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `HH:MM` (UTC) at which Unix hour `hour` starts.
+fn hour_start_utc(hour: i64) -> String {
+    format!("{:02}:00", hour.rem_euclid(24))
 }
