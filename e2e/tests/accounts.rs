@@ -153,7 +153,7 @@ fn client_network_sends_without_auth_and_is_accounted_to_its_account() {
 }
 
 #[test]
-fn sender_defaults_are_added_and_the_message_still_passes_dkim() {
+fn sender_defaults_and_footer_are_added_and_the_message_still_passes_dkim() {
     require_netns();
     let world = World::start_with(
         "defaults",
@@ -161,7 +161,7 @@ fn sender_defaults_are_added_and_the_message_still_passes_dkim() {
             account_spec: Some(
                 "{senderDefaults: {replyTo: support@example.test, readReceiptTo: receipts@example.test, \
                  identificationHeader: X-Sender-Account, unsubscribeUrl: 'https://u.example.test/{account}/{queue_id}', \
-                 hideClientIp: true}}"
+                 hideClientIp: true, footer: {text: 'Sent with Herald for Example'}}}"
                     .into(),
             ),
             ..Default::default()
@@ -200,6 +200,13 @@ fn sender_defaults_are_added_and_the_message_still_passes_dkim() {
         .find(|r| r.contains("(Herald)"))
         .expect("Herald's Received header");
     assert!(!ours.contains("[127."), "client IP hidden: {ours}");
+    assert!(
+        text.contains("Sent with Herald for Example"),
+        "footer missing:\n{text}"
+    );
     let (ok, report) = dkim_verify(&msg, &world.dns);
-    assert!(ok, "DKIM after the added headers:\n{report}\n{text}");
+    assert!(
+        ok,
+        "DKIM after the added headers and footer:\n{report}\n{text}"
+    );
 }

@@ -69,6 +69,21 @@ pub struct SenderDefaults {
     /// Leave the client's IP address out of the `Received` header.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hide_client_ip: bool,
+    /// Footer appended to every text/plain and text/html body part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub footer: Option<Footer>,
+}
+
+/// A footer (signature) for an account's messages.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Footer {
+    /// Appended to text/plain parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Inserted before `</body>` of text/html parts (default: the text footer, escaped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
 }
 
 impl SenderDefaults {

@@ -126,7 +126,15 @@ pub async fn enqueue(
     // carries the same bytes and is recognised within the duplicate window.
     let digest = submission_digest(&sub.account, &sub.sender, &rcpt_addrs, &sub.body);
     let mut body = trace_headers(&sub, hostname, &id, now).into_bytes();
-    body.extend_from_slice(&sub.body);
+    match sub
+        .defaults
+        .footer
+        .as_ref()
+        .and_then(|f| crate::footer::append_footer(&sub.body, f))
+    {
+        Some(with_footer) => body.extend_from_slice(&with_footer),
+        None => body.extend_from_slice(&sub.body),
+    }
     let message_id = MessageParser::new()
         .parse_headers(&body)
         .and_then(|m| m.message_id().map(str::to_string))
@@ -252,6 +260,7 @@ mod tests {
             identification_header: None,
             unsubscribe_url: Some("https://u.example.test/{account}/{queue_id}".into()),
             hide_client_ip: true,
+            footer: None,
         };
         let h = trace_headers(&s, "mx.test", &id, 0);
         assert!(h.contains("X-Herald-Account: default/app\r\n"));

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod content;
 pub mod enqueue;
+pub mod footer;
 pub mod listener;
 pub mod reply;
 pub mod session;
