@@ -21,51 +21,107 @@ use crate::{Error, password::StoredPassword, types::Domain};
 /// Label on Secrets that hold a MailDomain's DKIM keys; its value is the MailDomain's name.
 pub const DKIM_SECRET_LABEL: &str = "herald.dev/maildomain";
 
-/// A sending domain: its DKIM signing, return path and how it must be verified.
+/// Syntax of a DNS domain name in a resource: dot-separated LDH labels (IDNs as A-labels,
+/// `xn--...`), at least two labels, an optional trailing dot.
+pub const DOMAIN_PATTERN: &str = r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$";
+
+/// Syntax of a DKIM selector (RFC 6376 3.1): one or more dot-separated LDH labels.
+pub const SELECTOR_PATTERN: &str = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
+
+/// A sending domain: its DKIM signing, return path, the DNS records it must publish and how
+/// they are verified.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, JsonSchema)]
 #[kube(
     group = "herald.dev",
     version = "v1alpha1",
     kind = "MailDomain",
+    doc = "A sending domain: its DKIM keys, the DNS records it must publish and whether mail may be sent from it.",
     namespaced,
     status = "MailDomainStatus",
     shortname = "md",
+    shortname = "mdom",
+    category = "herald",
     printcolumn = r#"{"name":"Domain","type":"string","jsonPath":".spec.domain"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"DKIM","type":"string","jsonPath":".status.summary.dkim"}"#,
+    printcolumn = r#"{"name":"SPF","type":"string","jsonPath":".status.summary.spf"}"#,
+    printcolumn = r#"{"name":"DMARC","type":"string","jsonPath":".status.summary.dmarc"}"#,
+    printcolumn = r#"{"name":"MX","type":"string","jsonPath":".status.summary.mx"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailDomainSpec {
-    /// The domain mail is sent from (the part after @ in From and MAIL FROM), e.g. `example.com`.
+    /// The domain mail is sent from (the part after @ in From and MAIL FROM), e.g.
+    /// `example.com`. Internationalised domains are written as A-labels (`xn--...`).
+    #[schemars(pattern(DOMAIN_PATTERN))]
     pub domain: String,
     /// DKIM signing of mail from this domain.
     #[serde(default)]
     pub dkim: DkimSpec,
-    /// Host used in the envelope sender for bounces (e.g. `bounces.example.com`).
+    /// Host used in the envelope sender for bounces (e.g. `bounces.example.com`). When the
+    /// operator is configured with a return-path target, this host must point at it
+    /// (CNAME or MX, as the operator is configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DOMAIN_PATTERN))]
     pub return_path: Option<String>,
+    /// The DMARC policy the domain must publish at `_dmarc.<domain>`: this one or a stricter
+    /// one (`none` < `quarantine` < `reject`).
+    #[serde(default)]
+    pub dmarc: DmarcSpec,
+    /// MX hosts the domain must publish, for inbound bounce handling. Empty (the default):
+    /// MX records are not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(DOMAIN_PATTERN)))]
+    pub mx: Vec<String>,
     /// Whether the domain must pass DNS verification before mail may be sent from it.
     /// `Skip` is for development and tests only.
     #[serde(default)]
     pub verification: Verification,
 }
 
+/// DKIM settings of a MailDomain.
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DkimSpec {
     /// Selector of the key: the record lives at `<selector>._domainkey.<domain>`.
     #[serde(default = "default_selector")]
+    #[schemars(pattern(SELECTOR_PATTERN))]
     pub selector: String,
+    /// Which keys sign: `rsa-sha256` (RSA 2048 bits), `ed25519-sha256`, or `both`.
     #[serde(default)]
     pub algorithm: DkimAlgorithm,
     /// Selector of the Ed25519 key when `algorithm` is `both` (default `<selector>-ed25519`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(SELECTOR_PATTERN))]
     pub ed25519_selector: Option<String>,
     /// Secret holding the private keys (`rsa-sha256.pem`, `ed25519-sha256.pem`);
-    /// default `<MailDomain name>-dkim`.
+    /// default `<MailDomain name>-dkim`. The operator creates it when it does not exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub secret_name: Option<String>,
+    /// Replace the keys this long after they were made (e.g. `90d`); unset: never. A new key
+    /// is published under a new selector beside the old one, signing switches to it once its
+    /// record is verified in DNS, and the old record may be removed after `rotationGrace`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
+    pub rotate_after: Option<Duration>,
+    /// How long a replaced key stays listed (its record published) after the switch, so
+    /// mail signed with it just before can still be verified (default `7d`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
+    pub rotation_grace: Option<Duration>,
 }
+
+/// Syntax of a duration: one or more `<number><unit>` (`90d`, `12h 30m`).
+pub const DURATION_PATTERN: &str = r"^\s*([0-9]+\s*[a-zA-Z]+\s*)+$";
 
 fn default_selector() -> String {
     "herald".into()
@@ -78,7 +134,43 @@ impl Default for DkimSpec {
             algorithm: DkimAlgorithm::default(),
             ed25519_selector: None,
             secret_name: None,
+            rotate_after: None,
+            rotation_grace: None,
         }
+    }
+}
+
+impl DkimSpec {
+    /// Each key the spec asks for, with the selector it is published under.
+    pub fn keys(&self) -> Vec<(String, DkimAlgorithm)> {
+        match self.algorithm {
+            DkimAlgorithm::RsaSha256 => vec![(self.selector.clone(), DkimAlgorithm::RsaSha256)],
+            DkimAlgorithm::Ed25519Sha256 => {
+                vec![(self.selector.clone(), DkimAlgorithm::Ed25519Sha256)]
+            }
+            DkimAlgorithm::Both => vec![
+                (self.selector.clone(), DkimAlgorithm::RsaSha256),
+                (
+                    self.ed25519_selector
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-ed25519", self.selector)),
+                    DkimAlgorithm::Ed25519Sha256,
+                ),
+            ],
+        }
+    }
+}
+
+impl MailDomain {
+    /// Name of the Secret holding the DKIM keys: `spec.dkim.secretName`, else the name the
+    /// operator reported in status, else `<name>-dkim`.
+    pub fn dkim_secret_name(&self) -> String {
+        self.spec
+            .dkim
+            .secret_name
+            .clone()
+            .or_else(|| self.status.as_ref().and_then(|s| s.dkim_secret.clone()))
+            .unwrap_or_else(|| format!("{}-dkim", self.metadata.name.as_deref().unwrap_or("")))
     }
 }
 
@@ -104,36 +196,239 @@ impl DkimAlgorithm {
             DkimAlgorithm::Ed25519Sha256 => "ed25519-sha256.pem",
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DkimAlgorithm::RsaSha256 => "rsa-sha256",
+            DkimAlgorithm::Ed25519Sha256 => "ed25519-sha256",
+            DkimAlgorithm::Both => "both",
+        }
+    }
+
+    /// The key inside the DKIM Secret naming the selector the key in [`Self::secret_key`]
+    /// is published under, when it differs from the spec's (after a rotation).
+    pub fn selector_key(self) -> &'static str {
+        match self {
+            DkimAlgorithm::RsaSha256 | DkimAlgorithm::Both => "rsa-sha256.selector",
+            DkimAlgorithm::Ed25519Sha256 => "ed25519-sha256.selector",
+        }
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Verification {
+    /// Mail flows only once every expected DNS record is verified (`Ready=True`).
     #[default]
     Required,
+    /// Mail flows as soon as the DKIM keys exist; DNS is still checked and reported.
     Skip,
 }
 
+/// The DMARC policy a MailDomain asks for.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DmarcSpec {
+    /// Weakest acceptable `p=` of the published record.
+    #[serde(default)]
+    pub policy: DmarcPolicy,
+}
+
+/// DMARC `p=` values, weakest first (the order is used to compare them).
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DmarcPolicy {
+    /// Monitoring only.
+    None,
+    /// Failing mail goes to spam.
+    #[default]
+    Quarantine,
+    /// Failing mail is refused.
+    Reject,
+}
+
+impl DmarcPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DmarcPolicy::None => "none",
+            DmarcPolicy::Quarantine => "quarantine",
+            DmarcPolicy::Reject => "reject",
+        }
+    }
+
+    /// Parses a `p=` value (case-insensitive, RFC 7489 6.3).
+    pub fn parse(s: &str) -> Option<DmarcPolicy> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Some(DmarcPolicy::None),
+            "quarantine" => Some(DmarcPolicy::Quarantine),
+            "reject" => Some(DmarcPolicy::Reject),
+            _ => None,
+        }
+    }
+}
+
+/// What the operator observed about a MailDomain. Rewritten whole on every check.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MailDomainStatus {
+    /// `DkimKeyReady`, `DnsVerified` and `Ready`. The data plane sends mail from a domain
+    /// with `verification: Required` only while `Ready` is `True`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// `metadata.generation` of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     /// Name of the Secret holding the DKIM keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dkim_secret: Option<String>,
+    /// The DKIM keys in use and the exact TXT records that publish them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selectors: Vec<SelectorStatus>,
+    /// One row per DNS record the domain must publish.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<DnsRecordStatus>,
+    /// The state of each kind of record at a glance (`kubectl get maildomains`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<RecordSummary>,
+    /// When DNS was last checked (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_time: Option<String>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, JsonSchema)]
+/// A DKIM key and the record that publishes it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectorStatus {
+    pub selector: String,
+    /// `Active` (signs), `Next` (rotation: published, signs once verified) or `Previous`
+    /// (rotated out: keep the record published until the grace period ends).
+    #[serde(default)]
+    pub role: KeyRole,
+    /// `rsa-sha256` or `ed25519-sha256`.
+    pub algorithm: DkimAlgorithm,
+    /// Where the record goes: `<selector>._domainkey.<domain>`.
+    pub name: String,
+    /// The TXT record value to publish (`v=DKIM1; k=...; p=...`).
+    pub value: String,
+    /// The same value split into character-strings of at most 255 octets, as a zone file
+    /// or DNS provider needs it for long (RSA) keys.
+    pub strings: Vec<String>,
+}
+
+/// Where a DKIM key is in its life.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum KeyRole {
+    #[default]
+    Active,
+    Next,
+    Previous,
+}
+
+/// One expected DNS record and what DNS answers today.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsRecordStatus {
+    /// What the record is for.
+    pub purpose: RecordPurpose,
+    /// DNS type: `TXT`, `CNAME`, `MX` or `PTR`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Owner name of the record (fully qualified, no trailing dot).
+    pub name: String,
+    /// What to publish (or, for SPF and DMARC, what the published record must contain).
+    pub expected: String,
+    /// The values DNS returned (relevant records only).
+    #[serde(default)]
+    pub observed: Vec<String>,
+    pub state: RecordState,
+    /// Why the state is what it is (the resolver's error for `Error`).
+    #[serde(default)]
+    pub message: String,
+}
+
+/// What a DNS record is for.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RecordPurpose {
+    Ownership,
+    #[serde(rename = "DKIM")]
+    Dkim,
+    #[serde(rename = "SPF")]
+    Spf,
+    #[serde(rename = "DMARC")]
+    Dmarc,
+    ReturnPath,
+    #[serde(rename = "MX")]
+    Mx,
+    /// Forward-confirmed reverse DNS of an egress IP against its EHLO name. Reported, but
+    /// not required for `DnsVerified`: it is the installation's to fix, not the domain's.
+    #[serde(rename = "PTR")]
+    Ptr,
+}
+
+/// The verdict on one expected record.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+pub enum RecordState {
+    /// DNS answers what is expected.
+    Verified,
+    /// Nothing is published there.
+    Missing,
+    /// Something is published but it is not what is expected.
+    Mismatch,
+    /// DNS could not be asked (timeout, SERVFAIL, ...): the record is not judged.
+    Error,
+}
+
+impl RecordState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordState::Verified => "Verified",
+            RecordState::Missing => "Missing",
+            RecordState::Mismatch => "Mismatch",
+            RecordState::Error => "Error",
+        }
+    }
+}
+
+/// Worst state per record kind; absent when no record of that kind is expected.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordSummary {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<RecordState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spf: Option<RecordState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmarc: Option<RecordState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mx: Option<RecordState>,
+}
+
+/// A status condition, shaped like Kubernetes' own (`metav1.Condition`); the optional
+/// fields may be left out in hand-written files-mode YAML.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
+    /// `Ready`, `DkimKeyReady`, `DnsVerified` (MailDomain); `Ready`, `DomainsReady`,
+    /// `SecretReady` (SmtpAccount).
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
     pub status: String,
+    /// One CamelCase word for machines.
     #[serde(default)]
     pub reason: String,
+    /// What a human needs to know, e.g. which record is missing.
     #[serde(default)]
     pub message: String,
+    /// When `status` last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// `metadata.generation` the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// An account that apps authenticate as, and what it may send.
@@ -142,8 +437,13 @@ pub struct Condition {
     group = "herald.dev",
     version = "v1alpha1",
     kind = "SmtpAccount",
+    doc = "An account apps authenticate as over SMTP, and the MailDomains it may send from.",
     namespaced,
+    status = "SmtpAccountStatus",
     shortname = "smtpacct",
+    category = "herald",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -159,10 +459,27 @@ pub struct SmtpAccountSpec {
     pub policy: crate::account::AccountPolicy,
 }
 
+/// A key in a Secret of the same namespace.
 #[derive(Deserialize, Serialize, Clone, Debug, JsonSchema)]
 pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// Key inside the Secret's data.
+    #[schemars(length(min = 1))]
     pub key: String,
+}
+
+/// What the operator observed about an SmtpAccount's references.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SmtpAccountStatus {
+    /// `SecretReady`, `DomainsReady` and `Ready`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// `metadata.generation` of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// A DKIM private key ready for a signer: PEM text as stored in the Secret.
@@ -283,33 +600,17 @@ impl Resources {
                     md.spec.domain
                 )
             })?;
-            let secret_name = md
-                .spec
-                .dkim
-                .secret_name
-                .clone()
-                .or_else(|| md.status.as_ref().and_then(|s| s.dkim_secret.clone()))
-                .unwrap_or_else(|| format!("{name}-dkim"));
+            let secret_name = md.dkim_secret_name();
             let data = secret(&namespace, &secret_name);
-            let dkim = &md.spec.dkim;
-            let wanted: Vec<(String, DkimAlgorithm)> = match dkim.algorithm {
-                DkimAlgorithm::RsaSha256 => vec![(dkim.selector.clone(), DkimAlgorithm::RsaSha256)],
-                DkimAlgorithm::Ed25519Sha256 => {
-                    vec![(dkim.selector.clone(), DkimAlgorithm::Ed25519Sha256)]
-                }
-                DkimAlgorithm::Both => vec![
-                    (dkim.selector.clone(), DkimAlgorithm::RsaSha256),
-                    (
-                        dkim.ed25519_selector
-                            .clone()
-                            .unwrap_or_else(|| format!("{}-ed25519", dkim.selector)),
-                        DkimAlgorithm::Ed25519Sha256,
-                    ),
-                ],
-            };
+            let wanted = md.spec.dkim.keys();
             let mut keys = Vec::new();
             let mut missing = Vec::new();
             for (selector, algorithm) in wanted {
+                // After a rotation the Secret names the selector its key is published under.
+                let selector = data
+                    .and_then(|d| d.get(algorithm.selector_key()))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or(selector);
                 match data.and_then(|d| d.get(algorithm.secret_key())) {
                     Some(pem) => keys.push(DkimKeyMaterial {
                         selector,
@@ -629,6 +930,64 @@ stringData: {password: "s3cret\n"}
             r.sender_domain(acct, &other).map(|_| ()),
             Err(SenderDomainRefusal::NotAllowed)
         );
+    }
+
+    #[test]
+    fn required_domain_is_usable_once_operator_status_says_ready() {
+        let status = |ready: &str| {
+            format!(
+                r#"
+apiVersion: herald.dev/v1alpha1
+kind: MailDomain
+metadata: {{name: d, namespace: default, generation: 2}}
+spec: {{domain: d.test}}
+status:
+  observedGeneration: 2
+  dkimSecret: d-dkim
+  conditions:
+  - {{type: DkimKeyReady, status: "True", reason: KeysPresent, message: ok,
+     lastTransitionTime: "2026-11-28T09:00:00Z", observedGeneration: 2}}
+  - {{type: Ready, status: "{ready}", reason: X, message: y,
+     lastTransitionTime: "2026-11-28T09:00:00Z", observedGeneration: 2}}
+  records:
+  - {{purpose: DKIM, type: TXT, name: herald._domainkey.d.test, expected: "v=DKIM1; k=rsa; p=AA",
+     observed: [], state: Missing, message: none}}
+  summary: {{dkim: Missing}}
+  lastCheckTime: "2026-11-28T09:00:00Z"
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: d-dkim, namespace: default}}
+stringData: {{rsa-sha256.pem: RSA}}
+"#
+            )
+        };
+        for (ready, usable) in [("True", true), ("False", false)] {
+            let mut docs = Documents::default();
+            docs.add_yaml(Path::new("t.yaml"), &status(ready))
+                .expect("parse");
+            let r = Resources::from_documents(docs).expect("resolve");
+            assert_eq!(r.domain("default/d").expect("domain").ready.is_ok(), usable);
+        }
+    }
+
+    #[test]
+    fn rotation_settings_read_as_durations_and_rotated_selector_signs() {
+        let mut docs = Documents::default();
+        docs.add_yaml(
+            Path::new("t.yaml"),
+            "apiVersion: herald.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: d}\n\
+             spec: {domain: d.test, verification: Skip, dkim: {selector: s1, rotateAfter: 90d, rotationGrace: 12h}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {name: d-dkim}\n\
+             stringData: {rsa-sha256.pem: RSA, rsa-sha256.selector: s1-202611280900}\n",
+        )
+        .expect("parse");
+        let dkim = &docs.mail_domains[0].spec.dkim;
+        assert_eq!(dkim.rotate_after, Some(Duration::from_secs(90 * 24 * 3600)));
+        assert_eq!(dkim.rotation_grace, Some(Duration::from_secs(12 * 3600)));
+        let r = Resources::from_documents(docs).expect("resolve");
+        let d = r.domain("default/d").expect("domain");
+        assert_eq!(d.keys[0].selector, "s1-202611280900");
     }
 
     #[test]

@@ -41,6 +41,11 @@ enum Command {
     Dev(dev::DevArgs),
     /// Print the MailDomain and SmtpAccount CustomResourceDefinitions.
     Crds,
+    /// Kubernetes operator: DKIM key Secrets, DNS verification and status of MailDomains.
+    Operator(herald_operator::cli::OperatorArgs),
+    /// MailDomains outside Kubernetes: `herald domain check FILE`.
+    #[command(subcommand)]
+    Domain(herald_operator::cli::DomainCommand),
     /// Print an Argon2 hash of a password read from stdin, for an SmtpAccount's Secret.
     HashPassword,
     /// Print the queue's state as JSON.
@@ -147,6 +152,15 @@ async fn main() -> anyhow::Result<()> {
             dev::run(args, config, shutdown, health).await?;
         }
         Command::Crds => print!("{}", herald_operator::crds_yaml()?),
+        Command::Operator(args) => {
+            let _telemetry = telemetry::init("herald-operator", false);
+            herald_operator::cli::operator(args, shutdown_signal()).await?;
+        }
+        Command::Domain(cmd) => {
+            if !herald_operator::cli::domain(cmd).await? {
+                std::process::exit(1);
+            }
+        }
         Command::HashPassword => {
             let mut password = String::new();
             std::io::stdin().read_line(&mut password)?;
