@@ -183,7 +183,44 @@ async fn ensure_keys(
     }
 }
 
+/// DNS record states per MailDomain, as a gauge: for each state, how many of the domain's
+/// expected records are in it (every state is recorded, so a record that moves is not
+/// counted twice).
+fn record_state_metrics(md: &MailDomain, records: &[herald_core::resources::DnsRecordStatus]) {
+    use herald_core::resources::RecordState;
+    static GAUGE: std::sync::OnceLock<opentelemetry::metrics::Gauge<u64>> =
+        std::sync::OnceLock::new();
+    let gauge = GAUGE.get_or_init(|| {
+        opentelemetry::global::meter("herald.operator")
+            .u64_gauge("herald.operator.dns.records")
+            .with_description("Expected DNS records of a MailDomain, by verification state")
+            .with_unit("{record}")
+            .build()
+    });
+    let name = format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any());
+    for state in [
+        RecordState::Verified,
+        RecordState::Missing,
+        RecordState::Mismatch,
+        RecordState::Error,
+    ] {
+        let n = records.iter().filter(|r| r.state == state).count() as u64;
+        gauge.record(
+            n,
+            &[
+                opentelemetry::KeyValue::new("maildomain", name.clone()),
+                opentelemetry::KeyValue::new("state", state.as_str()),
+            ],
+        );
+    }
+}
+
 /// Reconciles one MailDomain: keys, DNS, status. Requeues fast until ready.
+#[tracing::instrument(
+    name = "operator.reconcile",
+    skip_all,
+    fields(k8s.namespace.name = md.namespace().unwrap_or_default(), herald.maildomain = %md.name_any(), herald.kind = "MailDomain")
+)]
 pub async fn reconcile_domain(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = md.namespace().ok_or(Error::NotNamespaced)?;
     let name = md.name_any();
@@ -235,6 +272,7 @@ pub async fn reconcile_domain(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<
         events.push(c.event);
         status = observe(&ctx, &md, &keys.data, &secret_name, &now_text).await;
     }
+    record_state_metrics(&md, &status.records);
     let ready = domain::is_ready(&status);
     let verified = status
         .conditions
@@ -366,6 +404,11 @@ fn truncate(mut s: String, max: usize) -> String {
 
 /// Reconciles one SmtpAccount: says in status whether its Secret and MailDomains exist and
 /// are ready. Ingress decides per message itself; this status is for the people.
+#[tracing::instrument(
+    name = "operator.reconcile",
+    skip_all,
+    fields(k8s.namespace.name = acct.namespace().unwrap_or_default(), herald.smtpaccount = %acct.name_any(), herald.kind = "SmtpAccount")
+)]
 pub async fn reconcile_account(acct: Arc<SmtpAccount>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = acct.namespace().ok_or(Error::NotNamespaced)?;
     let name = acct.name_any();

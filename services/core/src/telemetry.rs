@@ -10,7 +10,7 @@
 //!
 //! Logs are JSON unless written to a terminal (`HERALD_LOG_FORMAT=json|text`), filtered by
 //! `RUST_LOG` (default `info`); JSON lines carry the current span's fields, including
-//! `trace_id` on the spans that start or continue a message's trace.
+//! `trace_id` and `span_id` on the spans that start or continue a message's trace.
 
 use std::{
     collections::HashMap,
@@ -223,4 +223,11 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// The span id of `span` in hex, for log lines; `None` without OpenTelemetry.
+pub fn span_id(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.span_id().to_string())
 }

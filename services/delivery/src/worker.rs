@@ -252,6 +252,7 @@ async fn handle(
         herald.attempt = attempt,
         herald.outcome = tracing::field::Empty,
         trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
     let traceparent = msg
         .headers
@@ -262,6 +263,9 @@ async fn handle(
     telemetry::continue_trace(&span, &traceparent);
     if let Some(id) = telemetry::trace_id(&span) {
         span.record("trace_id", id.as_str());
+    }
+    if let Some(id) = telemetry::span_id(&span) {
+        span.record("span_id", id.as_str());
     }
     async {
         let now = now_unix();

@@ -553,10 +553,14 @@ impl Session {
             messaging.message.body.size = tracing::field::Empty,
             messaging.message.id = tracing::field::Empty,
             trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
         );
         span.follows_from(tracing::Span::current());
         if let Some(id) = telemetry::trace_id(&span) {
             span.record("trace_id", id.as_str());
+        }
+        if let Some(id) = telemetry::span_id(&span) {
+            span.record("span_id", id.as_str());
         }
         self.send(Reply::start_data());
         let max = self.ctx.config.ingress.max_message_size;
