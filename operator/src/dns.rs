@@ -10,8 +10,6 @@ use std::{
 use futures::future::BoxFuture;
 use hickory_resolver::{
     TokioResolver,
-    config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts},
-    net::runtime::TokioRuntimeProvider,
     proto::rr::{RData, RecordType},
 };
 
@@ -71,31 +69,8 @@ pub struct HickoryLookup {
 
 impl HickoryLookup {
     pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<HickoryLookup, String> {
-        if nameservers.is_empty() {
-            return Err("no DNS nameserver configured".into());
-        }
-        let servers = nameservers
-            .iter()
-            .map(|addr| {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-            })
-            .collect();
-        let mut opts = ResolverOpts::default();
-        opts.timeout = timeout;
-        opts.attempts = 2;
-        opts.ndots = 0;
-        opts.cache_size = 0;
-        let resolver = TokioResolver::builder_with_config(
-            ResolverConfig::from_parts(None, vec![], servers),
-            TokioRuntimeProvider::default(),
-        )
-        .with_options(opts)
-        .build()
-        .map_err(|e| e.to_string())?;
+        let resolver =
+            herald_core::dns::resolver(nameservers, timeout, herald_core::dns::Cache::Off)?;
         Ok(HickoryLookup { resolver })
     }
 

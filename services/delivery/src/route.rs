@@ -5,12 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use herald_core::config::DnsConfig;
-use hickory_resolver::{
-    TokioResolver,
-    config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts},
-    net::runtime::TokioRuntimeProvider,
-    proto::rr::RData,
-};
+use hickory_resolver::{TokioResolver, proto::rr::RData};
 
 /// One host to try, with its addresses in the order to try them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,30 +34,9 @@ impl RouteError {
     }
 }
 
-/// Builds a resolver that asks exactly `cfg.nameservers` (UDP, then TCP for truncation).
+/// Builds a resolver that asks exactly `cfg.nameservers`, caching answers for their TTL.
 pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
-    let servers = cfg
-        .nameservers
-        .iter()
-        .map(|addr| {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-        })
-        .collect();
-    let mut opts = ResolverOpts::default();
-    opts.timeout = cfg.timeout;
-    opts.attempts = 2;
-    opts.ndots = 0;
-    TokioResolver::builder_with_config(
-        ResolverConfig::from_parts(None, vec![], servers),
-        TokioRuntimeProvider::default(),
-    )
-    .with_options(opts)
-    .build()
-    .map_err(|e| e.to_string())
+    herald_core::dns::resolver(&cfg.nameservers, cfg.timeout, herald_core::dns::Cache::Ttl)
 }
 
 /// Resolves the hops for `domain`, most preferred first; hosts of equal preference are
