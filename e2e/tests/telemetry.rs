@@ -202,14 +202,22 @@ fn one_trace_follows_a_message_from_submission_to_delivery() {
     assert!(!attr(client, "network.local.address").is_empty(), "{all}");
 
     // JSON log lines lead to the trace: both processes log under the message's trace id.
-    for (role, log) in [("ingress", world.ingress.log()), ("delivery", world.delivery.log())] {
+    for (role, log) in [
+        ("ingress", world.ingress.log()),
+        ("delivery", world.delivery.log()),
+    ] {
         assert!(
             log.contains(&format!("\"trace_id\":\"{}\"", txn.trace_id)),
             "{role} log lines carry the trace id {}:\n{log}",
             txn.trace_id
         );
     }
-    assert!(world.delivery.log().contains(&format!("\"span_id\":\"{}\"", attempt.span_id)));
+    assert!(
+        world
+            .delivery
+            .log()
+            .contains(&format!("\"span_id\":\"{}\"", attempt.span_id))
+    );
 
     // The delivered-recipients counter moved by exactly one.
     let start = Instant::now();

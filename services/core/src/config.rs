@@ -259,6 +259,9 @@ pub struct DeliveryConfig {
     /// JetStream ack wait for an entry in progress; workers extend it while delivering.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
+    /// How long a hard-bounced recipient stays on its account's suppression list.
+    #[serde(with = "humantime_serde")]
+    pub suppression_ttl: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -274,6 +277,7 @@ impl Default for DeliveryConfig {
             command_timeout: Duration::from_secs(300),
             retry: RetryConfig::default(),
             ack_wait: Duration::from_secs(60),
+            suppression_ttl: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

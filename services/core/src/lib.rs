@@ -19,6 +19,7 @@ pub mod password;
 pub mod queue;
 pub mod resources;
 pub mod smtp;
+pub mod suppression;
 pub mod telemetry;
 pub mod tls;
 pub mod types;

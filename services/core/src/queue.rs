@@ -2,6 +2,11 @@
 //!
 //! - `HERALD_QUEUE` (work queue, `herald.queue.<domain>`): one [`QueueEntry`] per message
 //!   and destination domain, de-duplicated by `Nats-Msg-Id` within the duplicate window.
+//!   Entries that must wait (a retry after a temporary failure, mail held by the hourly
+//!   limit) are NATS message schedules (ADR-51, nats-server 2.12+) on
+//!   `herald.schedule.<queue id>.<attempt>.<domain>`: the server republishes them to
+//!   `herald.queue.<domain>` at their time. Waiting mail thus occupies no consumer's
+//!   ack-pending window and is never redelivered in a loop.
 //! - `HERALD_BODIES` (`herald.body.<queue id>`, direct get): each message body, stored once.
 //!   Bodies larger than the server's max payload go to the `HERALD_LARGE_BODIES` object store.
 //! - `HERALD_PENDING` (KV): per message, the destination domains not yet finished; the body is
@@ -30,6 +35,7 @@ use crate::{
 
 pub const QUEUE_STREAM: &str = "HERALD_QUEUE";
 pub const QUEUE_SUBJECTS: &str = "herald.queue.>";
+pub const SCHEDULE_SUBJECTS: &str = "herald.schedule.>";
 pub const BODY_STREAM: &str = "HERALD_BODIES";
 pub const EVENTS_STREAM: &str = "HERALD_EVENTS";
 pub const PENDING_BUCKET: &str = "HERALD_PENDING";
@@ -93,8 +99,9 @@ impl Queue {
         js.create_or_update_stream(stream::Config {
             name: QUEUE_STREAM.into(),
             description: Some("Herald delivery queue: one entry per message and domain".into()),
-            subjects: vec![QUEUE_SUBJECTS.into()],
+            subjects: vec![QUEUE_SUBJECTS.into(), SCHEDULE_SUBJECTS.into()],
             retention: RetentionPolicy::WorkQueue,
+            allow_message_schedules: true,
             storage: stream::StorageType::File,
             num_replicas: replicas,
             max_age: cfg.queue_lifetime,
@@ -110,7 +117,9 @@ impl Queue {
             retention: RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             num_replicas: replicas,
-            max_age: cfg.queue_lifetime,
+            // A day beyond the queue lifetime: an expiring entry can still quote its
+            // message's headers in the bounce.
+            max_age: cfg.queue_lifetime + Duration::from_secs(24 * 3600),
             max_messages_per_subject: 1,
             allow_direct: true,
             ..Default::default()
@@ -305,6 +314,38 @@ impl Queue {
             publish = publish.message_id(id);
         }
         self.publish(queue_subject(&entry.domain), publish).await
+    }
+
+    /// Queues `entry` to become deliverable at `at` (Unix seconds): a message schedule that
+    /// the server republishes to the entry's queue subject then. Returns after the PubAck.
+    pub async fn schedule_entry(
+        &self,
+        entry: &QueueEntry,
+        at: i64,
+        dedup_id: Option<String>,
+    ) -> Result<PublishAck, Error> {
+        let when = k8s_openapi::jiff::Timestamp::from_second(at)
+            .map_err(|e| Error::Envelope(format!("schedule time {at}: {e}")))?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Schedule", format!("@at {when}").as_str());
+        headers.insert(
+            "Nats-Schedule-Target",
+            queue_subject(&entry.domain).as_str(),
+        );
+        if !entry.traceparent.is_empty() {
+            headers.insert(TRACEPARENT, entry.traceparent.as_str());
+        }
+        let mut publish = Publish::build()
+            .payload(entry.encode_to_vec().into())
+            .headers(headers);
+        if let Some(id) = dedup_id {
+            publish = publish.message_id(id);
+        }
+        let subject = format!(
+            "herald.schedule.{}.{}.{}",
+            entry.id, entry.attempt, entry.domain
+        );
+        self.publish(subject, publish).await
     }
 
     /// Marks `domain` of `entry`'s message finished (delivered or failed for good); removes

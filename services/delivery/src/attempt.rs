@@ -84,6 +84,11 @@ impl Deliverer {
         })
     }
 
+    /// The resources this deliverer signs with.
+    pub fn resources(&self) -> &Arc<dyn ResourceSource> {
+        &self.resources
+    }
+
     /// DKIM-Signature headers for the message, from the sender's MailDomain.
     fn signatures(&self, entry: &QueueEntry, body: &[u8]) -> Result<Vec<u8>, String> {
         let resources = self.resources.current();

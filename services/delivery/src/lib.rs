@@ -7,6 +7,7 @@
 pub mod attempt;
 pub mod client;
 pub mod dkim;
+pub mod dsn;
 pub mod route;
 pub mod worker;
 

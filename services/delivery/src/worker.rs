@@ -11,8 +11,9 @@ use herald_core::{
     config::Config,
     envelope::{Event, EventKind, QueueEntry, Recipient},
     metrics::DeliveryMetrics,
-    queue::{QUEUE_STREAM, Queue, TRACEPARENT},
+    queue::{QUEUE_STREAM, QUEUE_SUBJECTS, Queue, TRACEPARENT},
     resources::ResourceSource,
+    suppression::Suppression,
     telemetry,
 };
 use opentelemetry::KeyValue;
@@ -24,7 +25,10 @@ use tokio::{
 };
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::attempt::{Attempt, Deliverer, Outcome};
+use crate::{
+    attempt::{Attempt, Deliverer, Outcome},
+    dsn,
+};
 
 /// Name of the durable consumer all delivery pods share.
 pub const CONSUMER: &str = "delivery";
@@ -73,19 +77,19 @@ pub async fn run(
         .get_stream(QUEUE_STREAM)
         .await
         .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
-    let consumer = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                description: Some("Herald delivery workers".into()),
-                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: config.delivery.ack_wait,
-                max_deliver: -1,
-                max_ack_pending: (concurrency * 64) as i64,
-                ..Default::default()
-            },
-        )
+    // Create or update: the filter keeps waiting schedules (herald.schedule.>) away from
+    // workers; they come back on herald.queue.> when due.
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            filter_subject: QUEUE_SUBJECTS.into(),
+            description: Some("Herald delivery workers".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: config.delivery.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: (concurrency * 64) as i64,
+            ..Default::default()
+        })
         .await
         .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
     info!(concurrency, "delivery worker pulling");
@@ -95,7 +99,18 @@ pub async fn run(
     // Pull only as many entries as there are free slots: an entry fetched but left waiting
     // in a local buffer would run out its ack wait and be delivered twice.
     let permits = Arc::new(Semaphore::new(concurrency));
-    let metrics = DeliveryMetrics::new();
+    let worker = Arc::new(Worker {
+        suppression: Suppression::setup(
+            queue.jetstream(),
+            config.nats.replicas,
+            config.delivery.suppression_ttl,
+        )
+        .await?,
+        config: config.clone(),
+        queue: queue.clone(),
+        deliverer: deliverer.clone(),
+        metrics: DeliveryMetrics::new(),
+    });
     let mut in_flight = JoinSet::new();
     'pull: loop {
         while in_flight.try_join_next().is_some() {}
@@ -145,14 +160,9 @@ pub async fn run(
                     },
                 },
             };
-            let (config, queue, deliverer, metrics) = (
-                config.clone(),
-                queue.clone(),
-                deliverer.clone(),
-                metrics.clone(),
-            );
+            let worker = worker.clone();
             in_flight.spawn(async move {
-                handle(&config, &queue, &deliverer, &metrics, msg).await;
+                worker.handle(msg).await;
                 drop(p);
             });
         }
@@ -221,103 +231,124 @@ fn watch_queue(
     ]
 }
 
-async fn handle(
-    config: &Config,
-    queue: &Queue,
-    deliverer: &Deliverer,
-    metrics: &DeliveryMetrics,
-    msg: Message,
-) {
-    let entry = match QueueEntry::decode(msg.payload.clone()) {
-        Ok(e) => e,
-        Err(e) => {
-            // Nothing can ever read it: keeping it would only loop.
-            error!(subject = %msg.subject, error = %e, "undecodable queue entry dropped");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return;
+/// What every in-flight entry of a worker shares.
+struct Worker {
+    config: Arc<Config>,
+    queue: Queue,
+    deliverer: Arc<Deliverer>,
+    metrics: DeliveryMetrics,
+    suppression: Suppression,
+}
+
+/// Every recipient of `entry` with the same outcome.
+fn all(entry: &QueueEntry, outcome: Outcome) -> Attempt {
+    Attempt {
+        outcomes: entry
+            .recipients
+            .iter()
+            .map(|r| (r.address.clone(), outcome.clone()))
+            .collect(),
+        remote_host: String::new(),
+        tls: false,
+    }
+}
+
+impl Worker {
+    async fn handle(&self, msg: Message) {
+        let entry = match QueueEntry::decode(msg.payload.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                // Nothing can ever read it: keeping it would only loop.
+                error!(subject = %msg.subject, error = %e, "undecodable queue entry dropped");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+        let attempt = entry.attempt + delivered;
+        // One span per delivery attempt, a child of the ingress transaction that queued the
+        // entry: a message deferred once shows two attempts in its trace.
+        let span = info_span!(
+            "delivery.attempt",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %msg.subject,
+            messaging.message.id = %entry.id,
+            herald.domain = %entry.domain,
+            herald.attempt = attempt,
+            herald.outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        let traceparent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(TRACEPARENT))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_else(|| entry.traceparent.clone());
+        telemetry::continue_trace(&span, &traceparent);
+        if let Some(id) = telemetry::trace_id(&span) {
+            span.record("trace_id", id.as_str());
         }
-    };
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
-    let attempt = entry.attempt + delivered;
-    // One span per delivery attempt, a child of the ingress transaction that queued the
-    // entry: a message deferred once shows two attempts in its trace.
-    let span = info_span!(
-        "delivery.attempt",
-        otel.kind = "consumer",
-        messaging.system = "nats",
-        messaging.operation.type = "process",
-        messaging.destination.name = %msg.subject,
-        messaging.message.id = %entry.id,
-        herald.domain = %entry.domain,
-        herald.attempt = attempt,
-        herald.outcome = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-    );
-    let traceparent = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(TRACEPARENT))
-        .map(|v| v.as_str().to_string())
-        .unwrap_or_else(|| entry.traceparent.clone());
-    telemetry::continue_trace(&span, &traceparent);
-    if let Some(id) = telemetry::trace_id(&span) {
-        span.record("trace_id", id.as_str());
+        if let Some(id) = telemetry::span_id(&span) {
+            span.record("span_id", id.as_str());
+        }
+        self.attempt(msg, entry, attempt).instrument(span).await
     }
-    if let Some(id) = telemetry::span_id(&span) {
-        span.record("span_id", id.as_str());
-    }
-    async {
+
+    async fn attempt(&self, msg: Message, mut entry: QueueEntry, attempt: u32) {
         let now = now_unix();
         if entry.not_before > now {
+            // Schedules fire on time; this only guards against an early copy.
             let wait = Duration::from_secs((entry.not_before - now) as u64);
             let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
             return;
         }
-        let Some(body_ref) = entry.body.as_ref() else {
-            finish(
-                queue,
-                metrics,
-                &msg,
+        // Hard-bounced recipients of this account are not tried again.
+        let mut suppressed = Vec::new();
+        let mut keep = Vec::new();
+        for r in std::mem::take(&mut entry.recipients) {
+            match self.suppression.reason(&entry.account, &r.address).await {
+                Ok(Some(reason)) => suppressed.push((r.address.clone(), reason)),
+                Ok(None) => keep.push(r),
+                Err(e) => {
+                    warn!(error = %e, "suppression list unavailable; trying the recipient");
+                    keep.push(r);
+                }
+            }
+        }
+        entry.recipients = keep;
+        if !suppressed.is_empty() {
+            info!(count = suppressed.len(), "suppressed recipients skipped");
+            self.event(
                 &entry,
+                EventKind::Suppressed,
+                &suppressed,
+                "",
+                false,
                 attempt,
-                &Attempt {
-                    outcomes: entry
-                        .recipients
-                        .iter()
-                        .map(|r| {
-                            (
-                                r.address.clone(),
-                                Outcome::Failed("entry has no body".into()),
-                            )
-                        })
-                        .collect(),
-                    remote_host: String::new(),
-                    tls: false,
-                },
-                config,
+                "",
             )
             .await;
+        }
+        if entry.recipients.is_empty() {
+            self.done(&msg, &entry).await;
+            return;
+        }
+        let Some(body_ref) = entry.body.as_ref() else {
+            let result = all(&entry, Outcome::Failed("5.3.0 entry has no body".into()));
+            self.finish(&msg, &entry, attempt, &result, None).await;
             return;
         };
-        let body = match queue.load_body(body_ref).await {
+        let body = match self.queue.load_body(body_ref).await {
             Ok(b) => b,
             Err(CoreError::BodyMissing(_)) => {
-                let outcome = Attempt {
-                    outcomes: entry
-                        .recipients
-                        .iter()
-                        .map(|r| {
-                            (
-                                r.address.clone(),
-                                Outcome::Failed("message body expired from the store".into()),
-                            )
-                        })
-                        .collect(),
-                    remote_host: String::new(),
-                    tls: false,
-                };
-                finish(queue, metrics, &msg, &entry, attempt, &outcome, config).await;
+                let result = all(
+                    &entry,
+                    Outcome::Failed("4.4.7 message body expired from the store".into()),
+                );
+                self.finish(&msg, &entry, attempt, &result, None).await;
                 return;
             }
             Err(e) => {
@@ -330,7 +361,7 @@ async fn handle(
         };
         // Keep the entry ours while the remote host takes its time.
         let progress = async {
-            let mut tick = tokio::time::interval(config.delivery.ack_wait / 2);
+            let mut tick = tokio::time::interval(self.config.delivery.ack_wait / 2);
             tick.tick().await;
             loop {
                 tick.tick().await;
@@ -338,116 +369,158 @@ async fn handle(
             }
         };
         let result = tokio::select! {
-            r = deliverer.attempt(&entry, &body) => r,
+            r = self.deliverer.attempt(&entry, &body) => r,
             _ = progress => unreachable!("progress loop never ends"),
         };
-        finish(queue, metrics, &msg, &entry, attempt, &result, config).await;
-    }
-    .instrument(span)
-    .await
-}
-
-/// Turns outcomes into events and the entry's fate: acked when every recipient is
-/// finished, retried later for those deferred.
-async fn finish(
-    queue: &Queue,
-    metrics: &DeliveryMetrics,
-    msg: &Message,
-    entry: &QueueEntry,
-    attempt: u32,
-    result: &Attempt,
-    config: &Config,
-) {
-    let mut delivered = Vec::new();
-    let mut deferred = Vec::new();
-    let mut failed = Vec::new();
-    for (rcpt, outcome) in &result.outcomes {
-        match outcome {
-            Outcome::Delivered(r) => delivered.push((rcpt.clone(), r.to_string())),
-            Outcome::Deferred(why) => deferred.push((rcpt.clone(), why.clone())),
-            Outcome::Failed(why) => failed.push((rcpt.clone(), why.clone())),
-        }
-    }
-    let event = |kind: EventKind, list: &[(String, String)]| Event {
-        kind: kind as i32,
-        queue_id: entry.id.clone(),
-        account: entry.account.clone(),
-        sender: entry.sender.clone(),
-        recipients: list.iter().map(|(r, _)| r.clone()).collect(),
-        domain: entry.domain.clone(),
-        remote_host: result.remote_host.clone(),
-        reply_text: list.first().map(|(_, w)| w.clone()).unwrap_or_default(),
-        reply_code: list
-            .first()
-            .and_then(|(_, w)| w.get(..3))
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0),
-        attempt,
-        at: now_unix(),
-        message_id: entry.message_id.clone(),
-        tls: result.tls,
-        ..Default::default()
-    };
-    for (rcpt, reply) in &delivered {
-        info!(rcpt = %rcpt, remote = %result.remote_host, tls = result.tls, reply = %reply, "delivered");
-    }
-    for (rcpt, why) in &failed {
-        warn!(rcpt = %rcpt, remote = %result.remote_host, reason = %why, "permanent failure");
-    }
-    for (rcpt, why) in &deferred {
-        info!(rcpt = %rcpt, remote = %result.remote_host, reason = %why, "deferred");
-    }
-    let outcome = match (delivered.is_empty(), deferred.is_empty(), failed.is_empty()) {
-        (false, true, true) => "delivered",
-        (true, false, true) => "deferred",
-        (true, true, false) => "failed",
-        _ => "mixed",
-    };
-    tracing::Span::current().record("herald.outcome", outcome);
-    let domain = KeyValue::new("domain", entry.domain.clone());
-    metrics
-        .attempts
-        .add(1, &[KeyValue::new("outcome", outcome), domain.clone()]);
-    for (kind, n) in [
-        ("delivered", delivered.len()),
-        ("deferred", deferred.len()),
-        ("failed", failed.len()),
-    ] {
-        if n > 0 {
-            metrics
-                .recipients
-                .add(n as u64, &[KeyValue::new("outcome", kind), domain.clone()]);
-        }
-    }
-    if !delivered.is_empty() {
-        let waited = (now_unix() - entry.received_at).max(0) as f64;
-        metrics.latency.record(waited, &[domain]);
-        queue
-            .publish_event(event(EventKind::Delivered, &delivered))
-            .await;
-    }
-    if !failed.is_empty() {
-        queue.publish_event(event(EventKind::Failed, &failed)).await;
-    }
-    if !deferred.is_empty() {
-        queue
-            .publish_event(event(EventKind::Deferred, &deferred))
+        self.finish(&msg, &entry, attempt, &result, Some(&body))
             .await;
     }
 
-    let delay = backoff(config, attempt);
-    if deferred.is_empty() {
-        if let Err(e) = queue.finish_domain(entry).await {
+    #[allow(clippy::too_many_arguments)]
+    async fn event(
+        &self,
+        entry: &QueueEntry,
+        kind: EventKind,
+        list: &[(String, String)],
+        remote_host: &str,
+        tls: bool,
+        attempt: u32,
+        bounce_class: &str,
+    ) {
+        let event = Event {
+            kind: kind as i32,
+            queue_id: entry.id.clone(),
+            account: entry.account.clone(),
+            sender: entry.sender.clone(),
+            recipients: list.iter().map(|(r, _)| r.clone()).collect(),
+            domain: entry.domain.clone(),
+            remote_host: remote_host.to_string(),
+            reply_text: list.first().map(|(_, w)| w.clone()).unwrap_or_default(),
+            reply_code: list
+                .first()
+                .and_then(|(_, w)| w.get(..3))
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0),
+            attempt,
+            at: now_unix(),
+            message_id: entry.message_id.clone(),
+            tls,
+            bounce_class: bounce_class.to_string(),
+            ..Default::default()
+        };
+        self.queue.publish_event(event).await;
+    }
+
+    /// Every recipient of the entry is finished: account for it and acknowledge.
+    async fn done(&self, msg: &Message, entry: &QueueEntry) {
+        if let Err(e) = self.queue.finish_domain(entry).await {
             warn!(error = %e, "pending record not updated");
         }
         if let Err(e) = msg.double_ack().await {
             // Not acked: JetStream redelivers it, the worst case is one duplicate.
             warn!(error = %e, "ack not confirmed");
         }
-    } else if delivered.is_empty() && failed.is_empty() {
-        let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-    } else {
-        // Some recipients are done: only the deferred ones come back, as a new entry.
+    }
+
+    /// Turns outcomes into events, bounces, suppressions and the entry's fate: acknowledged
+    /// when every recipient is finished; the deferred ones come back as a scheduled entry.
+    async fn finish(
+        &self,
+        msg: &Message,
+        entry: &QueueEntry,
+        attempt: u32,
+        result: &Attempt,
+        body: Option<&[u8]>,
+    ) {
+        let config = &self.config;
+        let now = now_unix();
+        let delay = backoff(config, attempt);
+        let expires = entry.received_at + config.nats.queue_lifetime.as_secs() as i64;
+        let mut delivered = Vec::new();
+        let mut deferred = Vec::new();
+        let mut failed = Vec::new();
+        for (rcpt, outcome) in &result.outcomes {
+            match outcome {
+                Outcome::Delivered(r) => delivered.push((rcpt.clone(), r.to_string())),
+                // The next try would come after the message's lifetime: it fails now.
+                Outcome::Deferred(why) if now + delay.as_secs() as i64 > expires => failed.push((
+                    rcpt.clone(),
+                    format!(
+                        "4.4.7 message expired after {} hours in the queue; last error: {why}",
+                        config.nats.queue_lifetime.as_secs() / 3600
+                    ),
+                )),
+                Outcome::Deferred(why) => deferred.push((rcpt.clone(), why.clone())),
+                Outcome::Failed(why) => failed.push((rcpt.clone(), why.clone())),
+            }
+        }
+        for (rcpt, reply) in &delivered {
+            info!(rcpt = %rcpt, remote = %result.remote_host, tls = result.tls, reply = %reply, "delivered");
+        }
+        for (rcpt, why) in &failed {
+            warn!(rcpt = %rcpt, remote = %result.remote_host, reason = %why, "permanent failure");
+        }
+        for (rcpt, why) in &deferred {
+            info!(rcpt = %rcpt, remote = %result.remote_host, reason = %why, retry_in = ?delay, "deferred");
+        }
+        let outcome = match (delivered.is_empty(), deferred.is_empty(), failed.is_empty()) {
+            (false, true, true) => "delivered",
+            (true, false, true) => "deferred",
+            (true, true, false) => "failed",
+            _ => "mixed",
+        };
+        tracing::Span::current().record("herald.outcome", outcome);
+        let domain = KeyValue::new("domain", entry.domain.clone());
+        self.metrics
+            .attempts
+            .add(1, &[KeyValue::new("outcome", outcome), domain.clone()]);
+        for (kind, n) in [
+            ("delivered", delivered.len()),
+            ("deferred", deferred.len()),
+            ("failed", failed.len()),
+        ] {
+            if n > 0 {
+                self.metrics
+                    .recipients
+                    .add(n as u64, &[KeyValue::new("outcome", kind), domain.clone()]);
+            }
+        }
+        let (host, tls) = (result.remote_host.as_str(), result.tls);
+        if !delivered.is_empty() {
+            let waited = (now - entry.received_at).max(0) as f64;
+            self.metrics.latency.record(waited, &[domain]);
+            self.event(
+                entry,
+                EventKind::Delivered,
+                &delivered,
+                host,
+                tls,
+                attempt,
+                "",
+            )
+            .await;
+        }
+        if !deferred.is_empty() {
+            self.event(
+                entry,
+                EventKind::Deferred,
+                &deferred,
+                host,
+                tls,
+                attempt,
+                "",
+            )
+            .await;
+        }
+        if !failed.is_empty() {
+            self.bounce(entry, &failed, host, attempt, body).await;
+        }
+
+        if deferred.is_empty() {
+            self.done(msg, entry).await;
+            return;
+        }
+        // Only the deferred recipients come back, as a schedule due after the backoff.
         let retry = QueueEntry {
             recipients: entry
                 .recipients
@@ -456,12 +529,14 @@ async fn finish(
                 .cloned()
                 .collect::<Vec<Recipient>>(),
             attempt,
-            not_before: now_unix() + delay.as_secs() as i64,
+            not_before: now + delay.as_secs() as i64,
             ..entry.clone()
         };
-        match queue
-            .publish_entry(
+        match self
+            .queue
+            .schedule_entry(
                 &retry,
+                retry.not_before,
                 Some(format!("{}.{}.a{attempt}", entry.id, entry.domain)),
             )
             .await
@@ -472,10 +547,127 @@ async fn finish(
                 }
             }
             Err(e) => {
-                warn!(error = %e, "retry entry not queued; the whole entry will be retried");
+                warn!(error = %e, "retry not scheduled; the whole entry comes back after the backoff");
                 let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
             }
         }
+    }
+
+    /// Failed recipients: events with their class, hard bounces suppressed, one DSN to the
+    /// sender (never for the null sender: a bounce does not bounce).
+    async fn bounce(
+        &self,
+        entry: &QueueEntry,
+        failed: &[(String, String)],
+        remote_host: &str,
+        attempt: u32,
+        body: Option<&[u8]>,
+    ) {
+        let mut report = Vec::new();
+        for (rcpt, why) in failed {
+            let status = dsn::status_of(why);
+            let class = dsn::class_of(&status);
+            self.event(
+                entry,
+                EventKind::Bounced,
+                &[(rcpt.clone(), why.clone())],
+                remote_host,
+                false,
+                attempt,
+                class,
+            )
+            .await;
+            if class == "hard"
+                && let Err(e) = self.suppression.add(&entry.account, rcpt, why).await
+            {
+                warn!(error = %e, rcpt = %rcpt, "not added to the suppression list");
+            }
+            report.push(dsn::Failed {
+                recipient: rcpt.clone(),
+                status,
+                diagnostic: why.clone(),
+                remote_mta: remote_host
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            });
+        }
+        if entry.sender.is_empty() {
+            return;
+        }
+        let resources = self.deliverer.resources().current();
+        let from_domain = resources
+            .domain(&entry.sender_domain)
+            .map(|d| d.domain.to_string())
+            .unwrap_or_else(|| {
+                entry
+                    .sender
+                    .rsplit_once('@')
+                    .map(|(_, d)| d.to_string())
+                    .unwrap_or_default()
+            });
+        let now = now_unix();
+        let message = dsn::build(&dsn::Report {
+            reporting_mta: &self.config.delivery.hostname,
+            from_domain: &from_domain,
+            to: &entry.sender,
+            queue_id: &entry.id,
+            arrival: entry.received_at,
+            now,
+            failed: &report,
+            original_headers: body.map(dsn::header_block).unwrap_or_default(),
+        });
+        if let Err(e) = self.queue_bounce(entry, message, now).await {
+            // The failure is in the events either way; the bounce is best effort.
+            error!(error = %e, "bounce not queued");
+        }
+    }
+
+    /// Queues a bounce like any message: body once, one entry to the sender's domain, from
+    /// the null sender, signed with the original sender's MailDomain key.
+    async fn queue_bounce(
+        &self,
+        entry: &QueueEntry,
+        message: Vec<u8>,
+        now: i64,
+    ) -> Result<(), CoreError> {
+        let Some((_, domain)) = entry.sender.rsplit_once('@') else {
+            return Ok(());
+        };
+        let domain = domain.to_lowercase();
+        let id = herald_core::types::QueueId::generate();
+        let size = message.len() as u64;
+        let body = self.queue.store_body(id.as_str(), message.into()).await?;
+        self.queue
+            .track_pending(id.as_str(), std::slice::from_ref(&domain))
+            .await?;
+        let bounce = QueueEntry {
+            id: id.to_string(),
+            account: entry.account.clone(),
+            sender: String::new(),
+            domain,
+            recipients: vec![Recipient {
+                address: entry.sender.clone(),
+                orcpt: String::new(),
+                notify: 0,
+            }],
+            body: Some(body),
+            attempt: 0,
+            not_before: 0,
+            received_at: now,
+            client_ip: String::new(),
+            sender_domain: entry.sender_domain.clone(),
+            smtputf8: false,
+            eight_bit: false,
+            traceparent: entry.traceparent.clone(),
+            message_id: format!("<{}.bounce@{}>", entry.id, self.config.delivery.hostname),
+        };
+        self.queue
+            .publish_entry(&bounce, Some(format!("{}.bounce.{}", entry.id, now)))
+            .await?;
+        info!(bounce_id = %id, size, to = %entry.sender, "bounce queued");
+        Ok(())
     }
 }
 

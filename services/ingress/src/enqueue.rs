@@ -174,11 +174,17 @@ pub async fn enqueue(
             message_id: message_id.clone(),
         })
         .collect();
-    let results = futures::future::join_all(
-        entries
-            .iter()
-            .map(|e| queue.publish_entry(e, Some(format!("{digest}.{}", e.domain)))),
-    )
+    // Mail held by the hourly limit waits as a schedule, not in the consumer.
+    let results = futures::future::join_all(entries.iter().map(|e| {
+        let dedup = Some(format!("{digest}.{}", e.domain));
+        async move {
+            if e.not_before > now {
+                queue.schedule_entry(e, e.not_before, dedup).await
+            } else {
+                queue.publish_entry(e, dedup).await
+            }
+        }
+    }))
     .await;
 
     let mut failure = None;

@@ -11,6 +11,7 @@ use herald_core::{
     queue::Queue,
     resources::ResourceSource,
     smtp::{self, Conn, SmtpIo},
+    suppression::Suppression,
     tls,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
@@ -108,6 +109,12 @@ pub async fn serve(
         config.ingress.auth_failure_window,
     )
     .await?;
+    let suppression = Suppression::setup(
+        queue.jetstream(),
+        config.nats.replicas,
+        config.delivery.suppression_ttl,
+    )
+    .await?;
     let connections = Arc::new(ConnectionCounts::default());
     let mut listeners = Vec::new();
     for l in &config.ingress.listeners {
@@ -131,6 +138,7 @@ pub async fn serve(
             shutdown: shutdown.clone(),
             metrics: metrics.clone(),
             limits: limits.clone(),
+            suppression: suppression.clone(),
         });
         listeners.push((socket, ctx));
     }

@@ -258,6 +258,13 @@ impl Reply {
             format!("From header domain {domain} is not allowed"),
         )
     }
+    pub fn suppressed(rcpt: &str) -> Reply {
+        Reply::new(
+            550,
+            "5.1.1",
+            format!("Recipient <{rcpt}> is on the suppression list"),
+        )
+    }
     pub fn too_many_connections_from(ip: &str) -> Reply {
         Reply::new(421, "4.7.0", format!("Too many connections from {ip}"))
     }

@@ -11,6 +11,7 @@ use herald_core::{
     queue::Queue,
     resources::{AccountView, ResourceSource, SenderDomainRefusal},
     smtp::{Data, Incoming, SmtpIo},
+    suppression::Suppression,
     telemetry,
     types::Mailbox,
 };
@@ -40,6 +41,7 @@ pub struct SessionContext {
     pub shutdown: watch::Receiver<bool>,
     pub metrics: IngressMetrics,
     pub limits: Limits,
+    pub suppression: Suppression,
 }
 
 struct Transaction {
@@ -478,6 +480,29 @@ impl Session {
         if rcpt.is_utf8() && !txn.smtputf8 {
             return self.fail(Reply::utf8_needs_smtputf8());
         }
+        // Hard-bounced before: refused here rather than bounced again later.
+        let account_id = self
+            .account
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
+        match self
+            .ctx
+            .suppression
+            .reason(&account_id, &rcpt.to_string())
+            .await
+        {
+            Ok(Some(_)) => {
+                self.ctx.metrics.refused("suppressed");
+                self.send(Reply::suppressed(&to.address));
+                return Next::Continue;
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "suppression list unavailable"),
+        }
+        let Some(txn) = self.txn.as_ref() else {
+            return self.fail(Reply::need_mail());
+        };
         let wanted = txn.recipients.len() as u64 + 1;
         if let Some(refusal) = self.hourly_refusal(wanted).await {
             self.send(refusal);
