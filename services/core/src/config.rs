@@ -71,18 +71,37 @@ impl Default for NatsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResourcesConfig {
+    /// Where MailDomains, SmtpAccounts and their Secrets come from: `files` (the directory
+    /// `dir`) or `kubernetes` (watched in `namespace`).
+    pub source: ResourceSourceKind,
     /// Files mode: a directory of MailDomain, SmtpAccount and Secret YAML documents.
     pub dir: PathBuf,
-    /// How often the directory is re-read for changes.
+    /// Files mode: how often the directory is re-read for changes.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// Kubernetes mode: the namespace whose resources are watched. Empty (the default): the
+    /// pod's own namespace (`POD_NAMESPACE`, else the service account's or kubeconfig's).
+    pub namespace: String,
+}
+
+/// The implementation of the resource source a role reads through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceSourceKind {
+    /// A directory of YAML documents, re-read every `reload_interval`.
+    #[default]
+    Files,
+    /// The Kubernetes API: MailDomains, SmtpAccounts and labelled Secrets, watched.
+    Kubernetes,
 }
 
 impl Default for ResourcesConfig {
     fn default() -> Self {
         ResourcesConfig {
+            source: ResourceSourceKind::Files,
             dir: PathBuf::from("examples"),
             reload_interval: Duration::from_secs(5),
+            namespace: String::new(),
         }
     }
 }
@@ -442,6 +461,18 @@ mod tests {
             missing.is_empty(),
             "README configuration table lacks {missing:?}"
         );
+    }
+
+    #[test]
+    fn resource_source_defaults_to_files_and_reads_kubernetes() {
+        let c: Config = serde_yaml::from_str("{}").expect("empty config");
+        assert_eq!(c.resources.source, ResourceSourceKind::Files);
+        assert_eq!(c.resources.namespace, "");
+        let c: Config =
+            serde_yaml::from_str("resources: {source: kubernetes, namespace: mail}").expect("yaml");
+        assert_eq!(c.resources.source, ResourceSourceKind::Kubernetes);
+        assert_eq!(c.resources.namespace, "mail");
+        assert!(serde_yaml::from_str::<Config>("resources: {source: etcd}").is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Herald's shared library: what every role (ingress, delivery, sink, operator, api) agrees on.
 //!
 //! - [`config`]: the one configuration file, with `HERALD_...` environment overrides.
-//! - [`resources`]: `MailDomain` / `SmtpAccount` resource types and the files-mode source.
+//! - [`resources`]: `MailDomain` / `SmtpAccount` resource types and the sources that read
+//!   them: files, or the Kubernetes API (watchers on the resources and labelled Secrets).
 //! - [`queue`]: JetStream streams, buckets and the message body store.
 //! - [`envelope`]: the protobuf queue entry and events (`proto/herald/v1`).
 //! - [`smtp`]: server-side SMTP framing shared by ingress and the sink.

@@ -93,7 +93,9 @@ pub async fn run(
     health: Arc<Health>,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let resources = crate::resources(&config)?;
+    let Some(resources) = crate::resources(&config, &shutdown).await? else {
+        return Ok(());
+    };
     let queue = crate::connect_queue(&config).await?;
 
     let sink = tokio::spawn(herald_sink::serve(config.sink.clone(), shutdown.clone()));

@@ -8,9 +8,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use herald_core::{
     admin::{self, Health},
-    config::Config,
+    config::{Config, ResourceSourceKind},
     queue::{self, Queue},
-    resources::{FileSource, ResourceSource},
+    resources::{FileSource, KubeSource, ResourceSource},
     telemetry,
 };
 use tokio::sync::watch;
@@ -108,13 +108,48 @@ async fn connect_queue(config: &Config) -> anyhow::Result<Queue> {
         .context("setting up JetStream streams")
 }
 
-fn resources(config: &Config) -> anyhow::Result<Arc<dyn ResourceSource>> {
-    let source = FileSource::start(
-        config.resources.dir.clone(),
-        config.resources.reload_interval,
-    )
-    .with_context(|| format!("loading resources from {}", config.resources.dir.display()))?;
-    Ok(source)
+/// The resource source `resources.source` names. In Kubernetes mode this returns only once
+/// every watcher has listed, so a role reports ready (`/readyz`) with a full view and never
+/// refuses mail for an account it has not seen yet; `None` when shutdown comes first.
+async fn resources(
+    config: &Config,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<Arc<dyn ResourceSource>>> {
+    match config.resources.source {
+        ResourceSourceKind::Files => {
+            let source = FileSource::start(
+                config.resources.dir.clone(),
+                config.resources.reload_interval,
+            )
+            .with_context(|| {
+                format!("loading resources from {}", config.resources.dir.display())
+            })?;
+            Ok(Some(source))
+        }
+        ResourceSourceKind::Kubernetes => {
+            let source = KubeSource::connect(&config.resources)
+                .await
+                .context("connecting to the Kubernetes API")?;
+            tracing::info!(
+                namespace = source.namespace(),
+                "waiting for the first sync of MailDomains, SmtpAccounts and Secrets"
+            );
+            let mut shutdown = shutdown.clone();
+            let stop = async move {
+                // A closed channel means no signal can come any more: keep waiting for sync.
+                if shutdown.wait_for(|&stop| stop).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = source.wait_ready() => {
+                    tracing::info!(namespace = source.namespace(), "resources synced");
+                    Ok(Some(source))
+                }
+                () = stop => Ok(None),
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -126,7 +161,9 @@ async fn main() -> anyhow::Result<()> {
             let config = Arc::new(load()?);
             let shutdown = shutdown_signal();
             let (_telemetry, health) = observe("herald-ingress", &config, &shutdown);
-            let resources = resources(&config)?;
+            let Some(resources) = resources(&config, &shutdown).await? else {
+                return Ok(());
+            };
             let queue = connect_queue(&config).await?;
             herald_ingress::serve(config, resources, queue, shutdown, health).await?;
         }
@@ -134,7 +171,9 @@ async fn main() -> anyhow::Result<()> {
             let config = Arc::new(load()?);
             let shutdown = shutdown_signal();
             let (_telemetry, health) = observe("herald-delivery", &config, &shutdown);
-            let resources = resources(&config)?;
+            let Some(resources) = resources(&config, &shutdown).await? else {
+                return Ok(());
+            };
             let queue = connect_queue(&config).await?;
             herald_delivery::run(config, resources, queue, shutdown, health).await?;
         }

@@ -1,8 +1,15 @@
 //! `MailDomain` and `SmtpAccount`: the resources users `kubectl apply`, and the
 //! [`ResourceSource`] through which data-plane pods read them.
 //!
-//! The same types are registered as CRDs by the operator (`herald crds`) and read from a
-//! directory of YAML documents in files mode (`herald dev`, e2e, non-Kubernetes installs).
+//! The same types are registered as CRDs by the operator (`herald crds`) and read either
+//! from a directory of YAML documents in files mode ([`FileSource`]: `herald dev`, e2e,
+//! non-Kubernetes installs) or from the cluster ([`KubeSource`]: watched, labelled Secrets
+//! only). Both build their view through [`Documents`] and [`Resources::from_documents`], so
+//! the rules are the same in either mode.
+
+mod kubernetes;
+
+pub use kubernetes::{KubeSource, namespace_for};
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,6 +27,11 @@ use crate::{Error, password::StoredPassword, types::Domain};
 
 /// Label on Secrets that hold a MailDomain's DKIM keys; its value is the MailDomain's name.
 pub const DKIM_SECRET_LABEL: &str = "herald.dev/maildomain";
+
+/// Label on Secrets that hold an SmtpAccount's password; its value is the account's name.
+/// In Kubernetes mode data-plane pods see only Secrets carrying this label or
+/// [`DKIM_SECRET_LABEL`].
+pub const ACCOUNT_SECRET_LABEL: &str = "herald.dev/smtpaccount";
 
 /// Syntax of a DNS domain name in a resource: dot-separated LDH labels (IDNs as A-labels,
 /// `xn--...`), at least two labels, an optional trailing dot.
@@ -725,20 +737,11 @@ impl Documents {
                 ("v1", "Secret") => {
                     let secret: Secret =
                         serde_yaml::from_value(value).map_err(|e| err(format!("Secret: {e}")))?;
-                    let ns = secret
-                        .metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".into());
-                    let name = secret.metadata.name.clone().unwrap_or_default();
-                    let mut data = BTreeMap::new();
-                    for (k, v) in secret.data.unwrap_or_default() {
-                        let text = String::from_utf8(v.0)
-                            .map_err(|_| err(format!("Secret {name}: {k} is not UTF-8")))?;
-                        data.insert(k, text);
+                    let skipped = self.add_secret(&secret);
+                    if let Some(k) = skipped.first() {
+                        let name = secret.metadata.name.as_deref().unwrap_or_default();
+                        return Err(err(format!("Secret {name}: {k} is not UTF-8")));
                     }
-                    data.extend(secret.string_data.unwrap_or_default());
-                    self.secrets.insert(format!("{ns}/{name}"), data);
                 }
                 (a, k) => {
                     tracing::warn!(path = %path.display(), api_version = a, kind = k, "ignoring document of unknown kind");
@@ -746,6 +749,29 @@ impl Documents {
             }
         }
         Ok(())
+    }
+
+    /// Adds a Secret's data (`data` decoded, `stringData` merged over it) under
+    /// `namespace/name`. Values that are not UTF-8 cannot be keys or passwords: they are left
+    /// out, and their keys returned so the caller decides whether that is an error.
+    pub fn add_secret(&mut self, secret: &Secret) -> Vec<String> {
+        let ns = secret.metadata.namespace.as_deref().unwrap_or("default");
+        let name = secret.metadata.name.as_deref().unwrap_or_default();
+        let mut data = BTreeMap::new();
+        let mut skipped = Vec::new();
+        for (k, v) in secret.data.iter().flatten() {
+            match std::str::from_utf8(&v.0) {
+                Ok(text) => {
+                    data.insert(k.clone(), text.to_string());
+                }
+                Err(_) => skipped.push(k.clone()),
+            }
+        }
+        for (k, v) in secret.string_data.iter().flatten() {
+            data.insert(k.clone(), v.clone());
+        }
+        self.secrets.insert(format!("{ns}/{name}"), data);
+        skipped
     }
 
     /// Reads every `*.yaml` / `*.yml` file of `dir` (not recursive), in name order.
@@ -988,6 +1014,22 @@ stringData: {{rsa-sha256.pem: RSA}}
         let r = Resources::from_documents(docs).expect("resolve");
         let d = r.domain("default/d").expect("domain");
         assert_eq!(d.keys[0].selector, "s1-202611280900");
+    }
+
+    #[test]
+    fn secret_value_that_is_not_utf8_is_refused_in_files_mode() {
+        let mut docs = Documents::default();
+        // base64 of the single byte 0xff.
+        let err = docs
+            .add_yaml(
+                Path::new("t.yaml"),
+                "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {password: /w==}\n",
+            )
+            .expect_err("refused");
+        assert!(
+            err.to_string().contains("Secret s: password is not UTF-8"),
+            "{err}"
+        );
     }
 
     #[test]
