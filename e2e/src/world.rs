@@ -24,6 +24,8 @@ pub struct WorldOptions {
     pub plaintext: bool,
     /// YAML mapping merged into the account's spec (e.g. `{hourlyLimit: 10}`).
     pub account_spec: Option<String>,
+    /// More resource documents (YAML), e.g. a Secret the account refers to.
+    pub extra_documents: Vec<String>,
 }
 
 pub struct World {
@@ -79,6 +81,7 @@ impl World {
             delivery_env,
             plaintext,
             account_spec,
+            extra_documents,
         } = opts;
         let (ingress_env, delivery_env) = (&ingress_env[..], &delivery_env[..]);
         let scenario = Scenario::new(name);
@@ -93,18 +96,21 @@ impl World {
                 .txt("herald._domainkey.example.test", &key.dns_txt),
         );
         let resources = scenario.subdir("resources");
-        Resources::new()
-            .signing_domain(
-                "example-test",
-                "example.test",
-                "herald",
-                DkimAlgorithm::RsaSha256,
-                Some(&key),
-                None,
-            )
-            .account_with_password(WORLD_ACCOUNT, WORLD_PASSWORD, &["example-test"])
-            .account_spec(WORLD_ACCOUNT, account_spec.as_deref().unwrap_or("{}"))
-            .write(&resources);
+        let mut docs = Resources::new();
+        docs.signing_domain(
+            "example-test",
+            "example.test",
+            "herald",
+            DkimAlgorithm::RsaSha256,
+            Some(&key),
+            None,
+        )
+        .account_with_password(WORLD_ACCOUNT, WORLD_PASSWORD, &["example-test"])
+        .account_spec(WORLD_ACCOUNT, account_spec.as_deref().unwrap_or("{}"));
+        for doc in &extra_documents {
+            docs.document(serde_yaml::from_str(doc).expect("extra document is YAML"));
+        }
+        docs.write(&resources);
         let (cert, keyfile) = self_signed_cert(&scenario.subdir("tls"));
         let submission = SocketAddr::from((scenario.ip(), 587));
         let mut config = HeraldConfig::new(&nats.url(), &resources);

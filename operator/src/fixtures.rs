@@ -131,6 +131,7 @@ pub fn maildomain(algorithm: DkimAlgorithm, verification: Verification) -> MailD
             dmarc: DmarcSpec::default(),
             mx: Vec::new(),
             verification,
+            smarthost: None,
         },
     );
     md.metadata.namespace = Some(NS.into());

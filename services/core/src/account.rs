@@ -34,6 +34,10 @@ pub struct AccountPolicy {
     /// Egress pool (source IPs) this account's mail leaves from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_pool: Option<String>,
+    /// Send all of this account's mail through an upstream relay (wins over the
+    /// MailDomain's route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smarthost: Option<crate::route::SmarthostRoute>,
 }
 
 impl Default for AccountPolicy {
@@ -44,6 +48,7 @@ impl Default for AccountPolicy {
             burst_tolerance_percent: default_tolerance(),
             sender_defaults: SenderDefaults::default(),
             egress_pool: None,
+            smarthost: None,
         }
     }
 }

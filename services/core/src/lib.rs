@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod password;
 pub mod queue;
 pub mod resources;
+pub mod route;
 pub mod smtp;
 pub mod suppression;
 pub mod telemetry;

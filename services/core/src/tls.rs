@@ -69,6 +69,26 @@ pub fn opportunistic_client_config() -> Arc<ClientConfig> {
     }
 }
 
+/// Client configuration that verifies the server: the certificate must chain to the
+/// system's trusted roots and match the name dialled (smarthosts).
+pub fn verified_client_config() -> Result<Arc<ClientConfig>, Error> {
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(loaded.certs);
+    if added == 0 {
+        return Err(Error::Tls(format!(
+            "no trusted root certificates found on this system ({} errors)",
+            loaded.errors.len()
+        )));
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 #[derive(Debug)]
 struct AnyCertificate(Arc<CryptoProvider>);
 

@@ -3,7 +3,13 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use herald_core::{config::Config, envelope::QueueEntry, resources::ResourceSource, tls};
+use herald_core::{
+    config::Config,
+    envelope::QueueEntry,
+    resources::ResourceSource,
+    route::{ResolvedRoute, RouteTls},
+    tls,
+};
 use hickory_resolver::TokioResolver;
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -68,6 +74,8 @@ pub struct Deliverer {
     resources: Arc<dyn ResourceSource>,
     resolver: TokioResolver,
     tls: TlsConnector,
+    /// Verifying connector for smarthosts, built on first use from the system's roots.
+    verified_tls: std::sync::OnceLock<Result<TlsConnector, String>>,
 }
 
 impl Deliverer {
@@ -81,6 +89,7 @@ impl Deliverer {
             resources,
             resolver,
             tls: crate::client::tls_connector(tls::opportunistic_client_config()),
+            verified_tls: std::sync::OnceLock::new(),
         })
     }
 
@@ -113,6 +122,177 @@ impl Deliverer {
         sign_all(&signers, body).map_err(|e| e.to_string())
     }
 
+    /// The smarthost route for this entry: the account's, else its MailDomain's.
+    fn smarthost(&self, entry: &QueueEntry) -> Option<ResolvedRoute> {
+        let resources = self.resources.current();
+        resources
+            .account_by_id(&entry.account)
+            .and_then(|a| a.smarthost.clone())
+            .or_else(|| {
+                resources
+                    .domain(&entry.sender_domain)
+                    .and_then(|d| d.smarthost.clone())
+            })
+    }
+
+    fn connector_for(&self, route: &ResolvedRoute) -> Result<TlsConnector, String> {
+        if route.trust_any_certificate {
+            return Ok(self.tls.clone());
+        }
+        self.verified_tls
+            .get_or_init(|| {
+                tls::verified_client_config()
+                    .map(crate::client::tls_connector)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+
+    /// A session to the smarthost ready for MAIL: TLS as the route demands (never a
+    /// plaintext fallback), then AUTH when the route has credentials.
+    async fn open_route(
+        &self,
+        route: &ResolvedRoute,
+        addr: SocketAddr,
+    ) -> Result<Connection, String> {
+        let d = &self.config.delivery;
+        let (mut conn, greeting) = match route.tls {
+            RouteTls::Implicit => {
+                let connector = self.connector_for(route)?;
+                Connection::connect_tls(
+                    addr,
+                    &connector,
+                    &route.host,
+                    d.connect_timeout,
+                    d.command_timeout,
+                )
+                .await
+                .map_err(|e| e.to_string())?
+            }
+            RouteTls::Starttls | RouteTls::None => {
+                Connection::connect(addr, d.connect_timeout, d.command_timeout)
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        if greeting.code != 220 {
+            conn.quit().await;
+            return Err(format!("greeting: {greeting}"));
+        }
+        let hello = conn.hello(&d.hostname).await.map_err(|e| e.to_string())?;
+        if !hello.is_positive() {
+            conn.quit().await;
+            return Err(format!("EHLO: {hello}"));
+        }
+        if route.tls == RouteTls::Starttls {
+            if !conn.capabilities.starttls {
+                conn.quit().await;
+                return Err(
+                    "the smarthost does not offer STARTTLS, which the route requires".into(),
+                );
+            }
+            let connector = self.connector_for(route)?;
+            let r = conn
+                .starttls(&connector, &route.host)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            if r.code != 220 {
+                conn.quit().await;
+                return Err(format!("STARTTLS: {r}"));
+            }
+            let hello = conn.hello(&d.hostname).await.map_err(|e| e.to_string())?;
+            if !hello.is_positive() {
+                conn.quit().await;
+                return Err(format!("EHLO after STARTTLS: {hello}"));
+            }
+        }
+        match &route.credentials {
+            None => {}
+            Some(Err(missing)) => {
+                conn.quit().await;
+                return Err(missing.clone());
+            }
+            Some(Ok((user, password))) => {
+                let r = conn
+                    .auth_plain(user, password)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.code != 235 {
+                    conn.quit().await;
+                    return Err(format!("AUTH at the smarthost: {r}"));
+                }
+            }
+        }
+        Ok(conn)
+    }
+
+    /// Addresses of the smarthost: an IP literal, or the host's A/AAAA records.
+    async fn route_addrs(&self, route: &ResolvedRoute) -> Result<Vec<SocketAddr>, String> {
+        if let Ok(ip) = route.host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, route.port)]);
+        }
+        let fqdn = format!("{}.", route.host.trim_end_matches('.'));
+        let ips = self
+            .resolver
+            .lookup_ip(fqdn.as_str())
+            .await
+            .map_err(|e| format!("smarthost {}: {e}", route.host))?;
+        Ok(ips
+            .iter()
+            .map(|ip| SocketAddr::new(ip, route.port))
+            .collect())
+    }
+
+    /// Delivers through the smarthost; any trouble reaching it defers (the mail stays ours).
+    async fn via_smarthost(
+        &self,
+        route: &ResolvedRoute,
+        entry: &QueueEntry,
+        prefix: &[u8],
+        body: &[u8],
+    ) -> Attempt {
+        let addrs = match self.route_addrs(route).await {
+            Ok(a) if !a.is_empty() => a,
+            Ok(_) => {
+                return Attempt::all(
+                    entry,
+                    Outcome::Deferred(format!("smarthost {} has no address", route.host)),
+                );
+            }
+            Err(e) => return Attempt::all(entry, Outcome::Deferred(e)),
+        };
+        let mut last_error = String::new();
+        for addr in addrs {
+            let span = info_span!(
+                "smtp.client",
+                server.address = %route.host,
+                server.port = addr.port(),
+                network.peer.address = %addr.ip(),
+                network.local.address = tracing::field::Empty,
+                herald.tls = tracing::field::Empty,
+                herald.smtp.reply_code = tracing::field::Empty,
+                herald.smarthost = true,
+                error.type = tracing::field::Empty,
+            );
+            let result = async {
+                let conn = self.open_route(route, addr).await?;
+                self.transact(conn, &route.host, addr, entry, prefix, body)
+                    .await
+            }
+            .instrument(span.clone())
+            .await;
+            match result {
+                Ok(attempt) => return attempt,
+                Err(e) => {
+                    span.record("error.type", "connection");
+                    info!(queue_id = %entry.id, smarthost = %route.host, %addr, error = %e, "smarthost failed");
+                    last_error = format!("smarthost {} [{}]: {e}", route.host, addr);
+                }
+            }
+        }
+        Attempt::all(entry, Outcome::Deferred(last_error))
+    }
+
     async fn hops(&self, entry: &QueueEntry) -> Result<Vec<Hop>, route::RouteError> {
         if let Some(relay) = self.config.delivery.relay_host {
             return Ok(vec![Hop {
@@ -136,6 +316,9 @@ impl Deliverer {
             // send unsigned.
             Err(reason) => return Attempt::all(entry, Outcome::Deferred(reason)),
         };
+        if let Some(route) = self.smarthost(entry) {
+            return self.via_smarthost(&route, entry, &prefix, body).await;
+        }
         let hops = match self.hops(entry).await {
             Ok(h) => h,
             Err(e) if e.is_permanent() => {
@@ -230,6 +413,20 @@ impl Deliverer {
             }
             Err(e) => return Err(e),
         };
+        self.transact(conn, &hop.name, addr, entry, prefix, body)
+            .await
+    }
+
+    /// One transaction on an open session: envelope, data, per-recipient outcomes.
+    async fn transact(
+        &self,
+        conn: Connection,
+        host: &str,
+        addr: SocketAddr,
+        entry: &QueueEntry,
+        prefix: &[u8],
+        body: &[u8],
+    ) -> Result<Attempt, String> {
         let mut conn = conn;
         let tls = conn.is_tls();
         let span = tracing::Span::current();
@@ -237,7 +434,7 @@ impl Deliverer {
         if let Some(local) = conn.local {
             span.record("network.local.address", local.ip().to_string());
         }
-        let remote_host = format!("{} [{}]", hop.name, addr.ip());
+        let remote_host = format!("{} [{}]", host, addr.ip());
         let done = |outcomes| Attempt {
             outcomes,
             remote_host: remote_host.clone(),
@@ -252,7 +449,7 @@ impl Deliverer {
                     entry,
                     Outcome::Failed(format!(
                         "5.6.7 {} does not support SMTPUTF8, which this message needs",
-                        hop.name
+                        host
                     )),
                 )
             });
@@ -269,7 +466,7 @@ impl Deliverer {
                         Outcome::Failed(format!(
                             "5.3.4 message of {} octets exceeds {}'s limit of {limit}",
                             body.len() + prefix.len(),
-                            hop.name
+                            host
                         )),
                     )
                 });

@@ -115,6 +115,7 @@ pub struct Capabilities {
     pub smtputf8: bool,
     pub eight_bit_mime: bool,
     pub size: Option<usize>,
+    pub auth: bool,
 }
 
 impl Capabilities {
@@ -130,6 +131,7 @@ impl Capabilities {
                 Some("STARTTLS") => c.starttls = true,
                 Some("SMTPUTF8") => c.smtputf8 = true,
                 Some("8BITMIME") => c.eight_bit_mime = true,
+                Some("AUTH") => c.auth = true,
                 Some("SIZE") => {
                     c.size = words.next().and_then(|s| s.parse().ok()).filter(|&n| n > 0)
                 }
@@ -175,6 +177,51 @@ impl Connection {
         };
         let greeting = conn.read_reply().await?;
         Ok((conn, greeting))
+    }
+
+    /// Connects with TLS from the first byte (implicit TLS, port 465), then reads the
+    /// greeting.
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        connector: &TlsConnector,
+        server_name: &str,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<(Connection, RemoteReply), ClientError> {
+        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::ConnectTimeout(addr))?
+            .map_err(|e| ClientError::Connect(addr, e))?;
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
+        let name = ServerName::try_from(server_name.to_string())
+            .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
+        let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(ClientError::Tls)?;
+        let mut conn = Connection {
+            stream: Some(Stream::Tls(Box::new(tls))),
+            buf: Vec::with_capacity(4096),
+            timeout,
+            capabilities: Capabilities::default(),
+            peer: addr,
+            local,
+        };
+        let greeting = conn.read_reply().await?;
+        Ok((conn, greeting))
+    }
+
+    /// AUTH PLAIN (RFC 4616) with the initial response.
+    pub async fn auth_plain(
+        &mut self,
+        username: &str,
+        password: &str,
+    ) -> Result<RemoteReply, ClientError> {
+        use base64::Engine;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{username}\0{password}"));
+        self.command(&format!("AUTH PLAIN {token}")).await
     }
 
     pub fn is_tls(&self) -> bool {

@@ -89,6 +89,10 @@ pub struct MailDomainSpec {
     /// `Skip` is for development and tests only.
     #[serde(default)]
     pub verification: Verification,
+    /// Send all mail from this domain through an upstream relay instead of the recipients'
+    /// MX hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smarthost: Option<crate::route::SmarthostRoute>,
 }
 
 /// DKIM settings of a MailDomain.
@@ -523,6 +527,8 @@ pub struct DomainView {
     pub keys: Vec<DkimKeyMaterial>,
     /// `Err(reason)` while mail from this domain must be refused.
     pub ready: Result<(), String>,
+    /// Upstream relay for all of this domain's mail.
+    pub smarthost: Option<crate::route::ResolvedRoute>,
 }
 
 /// An SmtpAccount as the data plane sees it.
@@ -538,6 +544,8 @@ pub struct AccountView {
     pub policy: crate::account::AccountPolicy,
     /// `policy.client_networks`, parsed.
     pub networks: Vec<ipnet::IpNet>,
+    /// Upstream relay for all of this account's mail.
+    pub smarthost: Option<crate::route::ResolvedRoute>,
 }
 
 /// Why a sender domain may not be used by an account.
@@ -557,6 +565,11 @@ pub struct Resources {
 impl Resources {
     pub fn account(&self, username: &str) -> Option<&AccountView> {
         self.accounts.get(username)
+    }
+
+    /// The account with id `namespace/name` (queue entries carry ids, AUTH uses names).
+    pub fn account_by_id(&self, id: &str) -> Option<&AccountView> {
+        self.accounts.values().find(|a| a.id == id)
     }
 
     /// The account whose client networks contain `ip` (the most specific network wins).
@@ -651,6 +664,11 @@ impl Resources {
                     _ => Err("DNS records are not verified".into()),
                 }
             };
+            let smarthost = md
+                .spec
+                .smarthost
+                .as_ref()
+                .map(|r| r.resolve(|n| secret(&namespace, n)));
             let id = format!("{namespace}/{name}");
             domains.insert(
                 id.clone(),
@@ -661,6 +679,7 @@ impl Resources {
                     domain,
                     keys,
                     ready,
+                    smarthost,
                 },
             );
         }
@@ -676,6 +695,12 @@ impl Resources {
             let password = secret(&namespace, &r.name)
                 .and_then(|d| d.get(&r.key))
                 .map(|p| StoredPassword::new(p.trim_end_matches(['\r', '\n'])));
+            let smarthost = acct
+                .spec
+                .policy
+                .smarthost
+                .as_ref()
+                .map(|r| r.resolve(|n| secret(&namespace, n)));
             let id = format!("{namespace}/{name}");
             let view = AccountView {
                 id: id.clone(),
@@ -689,6 +714,7 @@ impl Resources {
                     .networks()
                     .map_err(|e| format!("SmtpAccount {id}: {e}"))?,
                 policy: acct.spec.policy.clone(),
+                smarthost,
             };
             if let Some(other) = accounts.insert(name.clone(), view) {
                 return Err(format!(
