@@ -7,6 +7,9 @@
 #   4. cargo fmt --all --check
 #   5. cargo test    --workspace --offline --no-fail-fast, inside scripts/netns.sh (private network and
 #      resolv.conf: nothing can reach the outside or the system resolver)
+#   6. scripts/bench.sh --quick --debug-build: a smoke test of the benchmark harness on the
+#      debug build (about 2 minutes; no thresholds: it fails only if a message is lost).
+#      Skipped when TEST-FILTERs are given or HERALD_SKIP_BENCH=1.
 # Every cargo command passes --ignore-rust-version (see TESTBED.md: mail-parser declares
 # rust-version 1.98; everything builds and passes on 1.95).
 #
@@ -84,6 +87,9 @@ fi
 step clippy cargo clippy --ignore-rust-version --workspace --all-targets -- -D warnings
 step fmt cargo fmt --all -- --check
 step "test (netns)" run_tests "$@"
+if [ "$#" -eq 0 ] && [ "${HERALD_SKIP_BENCH:-0}" != 1 ]; then
+  step "bench smoke (debug build, no thresholds)" scripts/bench.sh --quick --debug-build
+fi
 
 summary
 exit "$failed"

@@ -37,6 +37,19 @@ impl Postfix {
     /// Configures and starts an instance named `name` (a subdir of the scenario), on a fresh
     /// loopback address; waits for its 220 banner.
     pub fn start(scenario: &Scenario, name: &str) -> Postfix {
+        Postfix::start_with(scenario, name, None)
+    }
+
+    /// Like [`Postfix::start`], but a relay instead of a final destination: it stores
+    /// nothing locally and forwards every message from `mynetworks` (127.0.0.0/8), for any
+    /// domain, to `relayhost` (`relayhost = [ip]:port`, no DNS). No recipient-specific
+    /// answers; everything else (TLS offered, logs, no DNS at all) is as for `start`. For
+    /// the relay benchmark (`e2e/src/bin/bench.rs`).
+    pub fn start_relay(scenario: &Scenario, name: &str, relayhost: SocketAddr) -> Postfix {
+        Postfix::start_with(scenario, name, Some(relayhost))
+    }
+
+    fn start_with(scenario: &Scenario, name: &str, relayhost: Option<SocketAddr>) -> Postfix {
         let ip = unique_ip();
         let base = scenario.subdir(&format!("postfix-{name}"));
         let conf_dir = base.join("conf");
@@ -54,6 +67,29 @@ impl Postfix {
         let access = conf_dir.join("recipient_access");
         write(&access, RECIPIENT_ACCESS);
         let maillog = base.join("maillog");
+        // A final destination stores every domain into one Maildir and scripts answers per
+        // recipient; a relay forwards everything to its relayhost.
+        let (destination, restrictions) = match relayhost {
+            None => (
+                format!(
+                    "\
+virtual_mailbox_domains = static:ALL
+virtual_mailbox_base = {mail}
+virtual_mailbox_maps = static:maildir/
+virtual_mailbox_limit = 0
+virtual_minimum_uid = 1
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+",
+                    mail = mail_base.display(),
+                ),
+                format!("check_recipient_access regexp:{}, ", access.display()),
+            ),
+            Some(relay) => (
+                format!("relayhost = [{}]:{}\n", relay.ip(), relay.port()),
+                String::new(),
+            ),
+        };
         let main_cf = format!(
             "\
 compatibility_level = 3.6
@@ -74,28 +110,19 @@ mynetworks = 127.0.0.0/8
 biff = no
 smtpd_peername_lookup = no
 smtp_dns_support_level = disabled
-virtual_mailbox_domains = static:ALL
-virtual_mailbox_base = {mail}
-virtual_mailbox_maps = static:maildir/
-virtual_mailbox_limit = 0
-virtual_minimum_uid = 1
-virtual_uid_maps = static:{uid}
-virtual_gid_maps = static:{gid}
-smtpd_tls_security_level = may
+{destination}smtpd_tls_security_level = may
 smtpd_tls_cert_file = {cert}
 smtpd_tls_key_file = {key}
 smtpd_tls_loglevel = 1
 smtpd_tls_received_header = yes
-smtpd_recipient_restrictions = check_recipient_access regexp:{access}, permit_mynetworks, reject_unauth_destination
+smtpd_recipient_restrictions = {restrictions}permit_mynetworks, reject_unauth_destination
 maillog_file = {maillog}
 maillog_file_prefixes = {base}
 ",
             queue = queue_dir.display(),
             data = data_dir.display(),
-            mail = mail_base.display(),
             cert = cert.display(),
             key = key.display(),
-            access = access.display(),
             maillog = maillog.display(),
             base = base.display(),
         );
@@ -293,19 +320,21 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         }
     }
 
-    fn master_pid(&self) -> Option<u32> {
+    /// Pid of the instance's master process (from its pid file), while it runs.
+    pub fn master_pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.queue_dir.join("pid/master.pid"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
     }
 
-    /// Every process of this instance carries `MAIL_CONFIG=<conf dir>` in its environment
-    /// (Postfix passes it on): SIGKILL those still alive, by pid.
-    fn kill_leftovers(&self) {
+    /// Pids of every live process of this instance (master, smtpd, qmgr, ...): each carries
+    /// `MAIL_CONFIG=<conf dir>` in its environment (Postfix passes it on).
+    pub fn pids(&self) -> Vec<u32> {
         let needle = format!("MAIL_CONFIG={}", self.conf_dir.display());
         let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
+            return Vec::new();
         };
+        let mut pids = Vec::new();
         for entry in procs.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -322,8 +351,16 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                 .any(|var| var == needle.as_bytes())
                 && pid_alive(pid)
             {
-                send_signal(pid, "KILL");
+                pids.push(pid);
             }
+        }
+        pids
+    }
+
+    /// SIGKILL every process of this instance still alive (see [`Postfix::pids`]).
+    fn kill_leftovers(&self) {
+        for pid in self.pids() {
+            send_signal(pid, "KILL");
         }
     }
 }

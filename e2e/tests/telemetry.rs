@@ -128,10 +128,16 @@ fn one_trace_follows_a_message_from_submission_to_delivery() {
     world.wait_arrival(marker, Duration::from_secs(30));
 
     let spans = spans_until(&rt, &mut collector, Duration::from_secs(20), |s| {
-        s.iter().any(|s| s.name == "smtp.transaction")
+        // The session span ends only at QUIT, so it may come in a later batch than the
+        // transaction; the readiness probe's connection is a session too. Wait for the one
+        // the transaction links to.
+        let linked_session = s.iter().filter(|t| t.name == "smtp.transaction").any(|t| {
+            s.iter()
+                .any(|x| x.name == "smtp.session" && t.links.iter().any(|l| l.span_id == x.span_id))
+        });
+        linked_session
             && s.iter().any(|s| s.name == "delivery.attempt")
             && s.iter().any(|s| s.name == "smtp.client")
-            && s.iter().any(|s| s.name == "smtp.session")
     });
     let all = describe(&spans);
     let txn = named(&spans, "smtp.transaction");

@@ -46,6 +46,22 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Room left in a NATS message for headers when deciding whether a body fits inline.
 const HEADER_ROOM: usize = 8 * 1024;
 
+/// NATS's default max payload, assumed when the server has not told us its own.
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Largest body stored inline in the body stream. Read from the server's INFO only after
+/// the set-up requests above were answered: the client connects in the background, and an
+/// INFO not yet received reads as 0, which sent every body to the object store (found by
+/// the benchmark, where each object read also cost a consumer).
+fn inline_limit(max_payload: usize) -> usize {
+    let max = if max_payload == 0 {
+        DEFAULT_MAX_PAYLOAD
+    } else {
+        max_payload
+    };
+    max.saturating_sub(HEADER_ROOM)
+}
+
 pub fn queue_subject(domain: &str) -> String {
     format!("herald.queue.{domain}")
 }
@@ -93,8 +109,7 @@ pub struct Queue {
 impl Queue {
     /// Creates (or updates to the configured shape) every stream and bucket.
     pub async fn setup(client: async_nats::Client, cfg: &NatsConfig) -> Result<Queue, Error> {
-        let max_payload = client.server_info().max_payload;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let replicas = cfg.replicas.max(1);
         js.create_or_update_stream(stream::Config {
             name: QUEUE_STREAM.into(),
@@ -173,7 +188,7 @@ impl Queue {
             bodies,
             large_bodies,
             pending,
-            inline_limit: max_payload.saturating_sub(HEADER_ROOM),
+            inline_limit: inline_limit(client.server_info().max_payload),
             publish_timeout: cfg.publish_timeout,
         })
     }
@@ -450,6 +465,13 @@ mod tests {
         let c = submission_digest("acct", "s@x", &["a@y".into(), "b@z".into()], b"body2");
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn inline_limit_never_sends_small_bodies_to_the_object_store() {
+        assert_eq!(inline_limit(0), DEFAULT_MAX_PAYLOAD - HEADER_ROOM);
+        assert_eq!(inline_limit(8 * 1024 * 1024), 8 * 1024 * 1024 - HEADER_ROOM);
+        assert!(inline_limit(0) > 100 * 1024);
     }
 
     #[test]
