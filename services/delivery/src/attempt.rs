@@ -45,7 +45,8 @@ fn record_reply(reply: &RemoteReply) {
 }
 
 impl Attempt {
-    fn all(entry: &QueueEntry, outcome: Outcome) -> Attempt {
+    /// Every recipient of `entry` with the same outcome.
+    pub fn all(entry: &QueueEntry, outcome: Outcome) -> Attempt {
         Attempt {
             outcomes: entry
                 .recipients

@@ -240,19 +240,6 @@ struct Worker {
     suppression: Suppression,
 }
 
-/// Every recipient of `entry` with the same outcome.
-fn all(entry: &QueueEntry, outcome: Outcome) -> Attempt {
-    Attempt {
-        outcomes: entry
-            .recipients
-            .iter()
-            .map(|r| (r.address.clone(), outcome.clone()))
-            .collect(),
-        remote_host: String::new(),
-        tls: false,
-    }
-}
-
 impl Worker {
     async fn handle(&self, msg: Message) {
         let entry = match QueueEntry::decode(msg.payload.clone()) {
@@ -337,14 +324,14 @@ impl Worker {
             return;
         }
         let Some(body_ref) = entry.body.as_ref() else {
-            let result = all(&entry, Outcome::Failed("5.3.0 entry has no body".into()));
+            let result = Attempt::all(&entry, Outcome::Failed("5.3.0 entry has no body".into()));
             self.finish(&msg, &entry, attempt, &result, None).await;
             return;
         };
         let body = match self.queue.load_body(body_ref).await {
             Ok(b) => b,
             Err(CoreError::BodyMissing(_)) => {
-                let result = all(
+                let result = Attempt::all(
                     &entry,
                     Outcome::Failed("4.4.7 message body expired from the store".into()),
                 );
