@@ -149,6 +149,22 @@ impl Deliverer {
             .clone()
     }
 
+    /// Checks the greeting and says EHLO; on a refusal the session is closed and the reply
+    /// becomes the error.
+    async fn greet(&self, conn: &mut Connection, greeting: RemoteReply) -> Result<(), String> {
+        if greeting.code != 220 {
+            return Err(format!("greeting: {greeting}"));
+        }
+        let hello = conn
+            .hello(&self.config.delivery.hostname)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !hello.is_positive() {
+            return Err(format!("EHLO: {hello}"));
+        }
+        Ok(())
+    }
+
     /// A session to the smarthost ready for MAIL: TLS as the route demands (never a
     /// plaintext fallback), then AUTH when the route has credentials.
     async fn open_route(
@@ -176,14 +192,9 @@ impl Deliverer {
                     .map_err(|e| e.to_string())?
             }
         };
-        if greeting.code != 220 {
+        if let Err(e) = self.greet(&mut conn, greeting).await {
             conn.quit().await;
-            return Err(format!("greeting: {greeting}"));
-        }
-        let hello = conn.hello(&d.hostname).await.map_err(|e| e.to_string())?;
-        if !hello.is_positive() {
-            conn.quit().await;
-            return Err(format!("EHLO: {hello}"));
+            return Err(e);
         }
         if route.tls == RouteTls::Starttls {
             if !conn.capabilities.starttls {
@@ -364,14 +375,9 @@ impl Deliverer {
         let (mut conn, greeting) = Connection::connect(addr, d.connect_timeout, d.command_timeout)
             .await
             .map_err(|e| e.to_string())?;
-        if greeting.code != 220 {
+        if let Err(e) = self.greet(&mut conn, greeting).await {
             conn.quit().await;
-            return Err(format!("greeting: {greeting}"));
-        }
-        let hello = conn.hello(&d.hostname).await.map_err(|e| e.to_string())?;
-        if !hello.is_positive() {
-            conn.quit().await;
-            return Err(format!("EHLO: {hello}"));
+            return Err(e);
         }
         if try_tls && conn.capabilities.starttls {
             match conn.starttls(&self.tls, &hop.name).await {

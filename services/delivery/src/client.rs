@@ -161,22 +161,8 @@ impl Connection {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<(Connection, RemoteReply), ClientError> {
-        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ClientError::ConnectTimeout(addr))?
-            .map_err(|e| ClientError::Connect(addr, e))?;
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr().ok();
-        let mut conn = Connection {
-            stream: Some(Stream::Plain(tcp)),
-            buf: Vec::with_capacity(4096),
-            timeout,
-            capabilities: Capabilities::default(),
-            peer: addr,
-            local,
-        };
-        let greeting = conn.read_reply().await?;
-        Ok((conn, greeting))
+        let (tcp, local) = tcp_connect(addr, connect_timeout).await?;
+        Connection::greeted(Stream::Plain(tcp), addr, local, timeout).await
     }
 
     /// Connects with TLS from the first byte (implicit TLS, port 465), then reads the
@@ -188,24 +174,29 @@ impl Connection {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<(Connection, RemoteReply), ClientError> {
-        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ClientError::ConnectTimeout(addr))?
-            .map_err(|e| ClientError::Connect(addr, e))?;
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr().ok();
+        let (tcp, local) = tcp_connect(addr, connect_timeout).await?;
         let name = ServerName::try_from(server_name.to_string())
             .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
         let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
             .await
             .map_err(|_| ClientError::Timeout)?
             .map_err(ClientError::Tls)?;
+        Connection::greeted(Stream::Tls(Box::new(tls)), addr, local, timeout).await
+    }
+
+    /// A connection over `stream` and the server's greeting.
+    async fn greeted(
+        stream: Stream,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<(Connection, RemoteReply), ClientError> {
         let mut conn = Connection {
-            stream: Some(Stream::Tls(Box::new(tls))),
+            stream: Some(stream),
             buf: Vec::with_capacity(4096),
             timeout,
             capabilities: Capabilities::default(),
-            peer: addr,
+            peer,
             local,
         };
         let greeting = conn.read_reply().await?;
@@ -399,6 +390,20 @@ impl Connection {
             let _ = s.shutdown().await;
         }
     }
+}
+
+/// TCP to `addr` within `connect_timeout`; returns the stream and our local address.
+async fn tcp_connect(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<(TcpStream, Option<SocketAddr>), ClientError> {
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ClientError::ConnectTimeout(addr))?
+        .map_err(|e| ClientError::Connect(addr, e))?;
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().ok();
+    Ok((tcp, local))
 }
 
 /// Doubles a leading dot on every line (RFC 5321 4.5.2). `at_line_start` tells whether
