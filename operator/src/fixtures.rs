@@ -132,6 +132,7 @@ pub fn maildomain(algorithm: DkimAlgorithm, verification: Verification) -> MailD
             mx: Vec::new(),
             verification,
             smarthost: None,
+            egress_pool: None,
         },
     );
     md.metadata.namespace = Some(NS.into());

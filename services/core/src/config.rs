@@ -281,6 +281,35 @@ pub struct DeliveryConfig {
     /// How long a hard-bounced recipient stays on its account's suppression list.
     #[serde(with = "humantime_serde")]
     pub suppression_ttl: Duration,
+    /// Send the sender a "delayed" DSN (RFC 3464, once per message and domain) when mail is
+    /// still undelivered this long after it was accepted. Off when unset.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub delay_warning: Option<Duration>,
+    /// Local addresses mail leaves from. Empty: one source, the address the OS picks.
+    pub sources: Vec<crate::egress::SourceConfig>,
+    /// Named, weighted sets of sources; a MailDomain or SmtpAccount picks one by name.
+    pub pools: std::collections::BTreeMap<String, Vec<crate::egress::PoolMember>>,
+    /// Pool for mail whose MailDomain and SmtpAccount name none. Empty: every source.
+    pub default_pool: String,
+    pub warmup: crate::egress::WarmupConfig,
+    pub shaping: crate::egress::ShapingConfig,
+}
+
+impl DeliveryConfig {
+    /// Checks what serde cannot: pools name defined sources, rules compile.
+    pub fn validate(&self) -> Result<(), Error> {
+        crate::egress::validate(
+            &self.sources,
+            &self.pools,
+            &self.default_pool,
+            &self.shaping,
+        )
+        .map_err(Error::Config)
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -297,6 +326,12 @@ impl Default for DeliveryConfig {
             retry: RetryConfig::default(),
             ack_wait: Duration::from_secs(60),
             suppression_ttl: Duration::from_secs(30 * 24 * 3600),
+            delay_warning: None,
+            sources: Vec::new(),
+            pools: Default::default(),
+            default_pool: String::new(),
+            warmup: Default::default(),
+            shaping: Default::default(),
         }
     }
 }
@@ -341,7 +376,10 @@ impl Config {
             root = Value::Mapping(Mapping::new());
         }
         apply_env(&mut root, std::env::vars())?;
-        serde_yaml::from_value(root).map_err(|e| Error::Config(e.to_string()))
+        let config: Config =
+            serde_yaml::from_value(root).map_err(|e| Error::Config(e.to_string()))?;
+        config.delivery.validate()?;
+        Ok(config)
     }
 }
 
@@ -450,6 +488,9 @@ mod tests {
                 "sink.tls.key",
                 "nats.credentials",
                 "delivery.relay_host",
+                "delivery.delay_warning",
+                "delivery.sources",
+                "delivery.pools",
             ]
             .map(String::from),
         );

@@ -18,6 +18,8 @@ impl EventKind {
             EventKind::Bounced => "bounced",
             EventKind::Failed => "failed",
             EventKind::Suppressed => "suppressed",
+            EventKind::Expired => "expired",
+            EventKind::Delayed => "delayed",
         }
     }
 }

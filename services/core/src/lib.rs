@@ -12,6 +12,7 @@ pub mod account;
 pub mod admin;
 pub mod config;
 pub mod dns;
+pub mod egress;
 pub mod envelope;
 pub mod error;
 pub mod limits;

@@ -70,6 +70,9 @@ pub struct DeliveryMetrics {
     pub attempts: Counter<u64>,
     /// Seconds from acceptance at ingress to the remote 250.
     pub latency: Histogram<f64>,
+    /// Entries sent back to wait because their site's throttles said "not now"; `reason`
+    /// = suspended | connections | rate | warmup | no_source.
+    pub throttled: Counter<u64>,
 }
 
 impl DeliveryMetrics {
@@ -94,6 +97,11 @@ impl DeliveryMetrics {
                     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
                     86400.0,
                 ])
+                .build(),
+            throttled: m
+                .u64_counter("herald.delivery.throttled")
+                .with_description("Entries re-queued to wait for their site's throttles")
+                .with_unit("{entry}")
                 .build(),
         }
     }

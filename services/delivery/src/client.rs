@@ -2,7 +2,7 @@
 //! Replies are parsed with smtp-proto.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -13,7 +13,7 @@ use rustls_pki_types::ServerName;
 use smtp_proto::response::parser::ResponseReceiver;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
@@ -158,10 +158,11 @@ impl Connection {
     /// `Ok((conn, reply))` so the caller can decide to try another host.
     pub async fn connect(
         addr: SocketAddr,
+        source: Option<IpAddr>,
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<(Connection, RemoteReply), ClientError> {
-        let (tcp, local) = tcp_connect(addr, connect_timeout).await?;
+        let (tcp, local) = tcp_connect(addr, source, connect_timeout).await?;
         Connection::greeted(Stream::Plain(tcp), addr, local, timeout).await
     }
 
@@ -174,7 +175,7 @@ impl Connection {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Result<(Connection, RemoteReply), ClientError> {
-        let (tcp, local) = tcp_connect(addr, connect_timeout).await?;
+        let (tcp, local) = tcp_connect(addr, None, connect_timeout).await?;
         let name = ServerName::try_from(server_name.to_string())
             .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
         let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
@@ -392,12 +393,32 @@ impl Connection {
     }
 }
 
-/// TCP to `addr` within `connect_timeout`; returns the stream and our local address.
+/// TCP to `addr` from `source` (the OS picks when `None`) within `connect_timeout`;
+/// returns the stream and our local address.
 async fn tcp_connect(
     addr: SocketAddr,
+    source: Option<IpAddr>,
     connect_timeout: Duration,
 ) -> Result<(TcpStream, Option<SocketAddr>), ClientError> {
-    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+    let connect = async {
+        let Some(ip) = source else {
+            return TcpStream::connect(addr).await;
+        };
+        if ip.is_ipv4() != addr.is_ipv4() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!("source {ip} cannot reach {addr} (address family)"),
+            ));
+        }
+        let socket = if ip.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(ip, 0))?;
+        socket.connect(addr).await
+    };
+    let tcp = tokio::time::timeout(connect_timeout, connect)
         .await
         .map_err(|_| ClientError::ConnectTimeout(addr))?
         .map_err(|e| ClientError::Connect(addr, e))?;

@@ -36,6 +36,9 @@ pub struct Report<'a> {
     pub failed: &'a [Failed],
     /// The original message's header block (returned as text/rfc822-headers).
     pub original_headers: &'a [u8],
+    /// A delay warning (`Action: delayed`, delivery goes on until this Unix time) rather
+    /// than a failure report.
+    pub delayed_until: Option<i64>,
 }
 
 fn rfc822_date(t: i64) -> String {
@@ -44,10 +47,17 @@ fn rfc822_date(t: i64) -> String {
 
 /// The complete bounce message.
 pub fn build(r: &Report<'_>) -> Vec<u8> {
-    let mut human = String::from(
-        "This is the mail system at the relay that accepted your message.\r\n\r\n\
-         Your message could not be delivered to the following recipients:\r\n\r\n",
-    );
+    let mut human =
+        String::from("This is the mail system at the relay that accepted your message.\r\n\r\n");
+    match r.delayed_until {
+        None => human
+            .push_str("Your message could not be delivered to the following recipients:\r\n\r\n"),
+        Some(until) => human.push_str(&format!(
+            "Your message has not been delivered yet to the following recipients. This is \
+             only a warning: delivery goes on until {}, and you need not send it again.\r\n\r\n",
+            rfc822_date(until)
+        )),
+    }
     for f in r.failed {
         human.push_str(&format!("  <{}>: {}\r\n", f.recipient, f.diagnostic));
     }
@@ -64,8 +74,14 @@ pub fn build(r: &Report<'_>) -> Vec<u8> {
     );
     for f in r.failed {
         status.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\n",
-            f.recipient, f.status
+            "\r\nFinal-Recipient: rfc822; {}\r\nAction: {}\r\nStatus: {}\r\n",
+            f.recipient,
+            if r.delayed_until.is_some() {
+                "delayed"
+            } else {
+                "failed"
+            },
+            f.status
         ));
         if !f.remote_mta.is_empty() {
             status.push_str(&format!("Remote-MTA: dns; {}\r\n", f.remote_mta));
@@ -75,6 +91,9 @@ pub fn build(r: &Report<'_>) -> Vec<u8> {
             f.diagnostic.replace(['\r', '\n'], " "),
             rfc822_date(r.now)
         ));
+        if let Some(until) = r.delayed_until {
+            status.push_str(&format!("Will-Retry-Until: {}\r\n", rfc822_date(until)));
+        }
     }
 
     let report = MimePart::new(
@@ -99,7 +118,11 @@ pub fn build(r: &Report<'_>) -> Vec<u8> {
             format!("mailer-daemon@{}", r.from_domain),
         ))
         .to(r.to)
-        .subject("Undelivered Mail Returned to Sender")
+        .subject(if r.delayed_until.is_some() {
+            "Delayed Mail (still being retried)"
+        } else {
+            "Undelivered Mail Returned to Sender"
+        })
         .date(r.now)
         .message_id(format!("{}.bounce@{}", r.queue_id, r.reporting_mta))
         .header("Auto-Submitted", Raw::new("auto-replied"))
@@ -186,6 +209,7 @@ mod tests {
             now: 1_795_000_100,
             failed: &failed,
             original_headers: b"From: sender@example.test\r\nSubject: hello\r\n\r\n",
+            delayed_until: None,
         });
         let text = String::from_utf8_lossy(&raw);
         let msg = MessageParser::new().parse(&raw).expect("parses");
@@ -208,5 +232,34 @@ mod tests {
         assert!(status.contains("Remote-MTA: dns; mx1.other.test"));
         assert!(text.contains("Auto-Submitted: auto-replied"));
         assert!(text.contains("Subject: hello"), "original headers returned");
+    }
+
+    #[test]
+    fn a_delay_warning_says_delayed_and_until_when() {
+        let deferred = [Failed {
+            recipient: "slow@other.test".into(),
+            status: "4.2.1".into(),
+            diagnostic: "450 4.2.1 Mailbox busy".into(),
+            remote_mta: "mx1.other.test".into(),
+        }];
+        let raw = build(&Report {
+            reporting_mta: "mta.herald.test",
+            from_domain: "example.test",
+            to: "sender@example.test",
+            queue_id: "01QUEUE",
+            arrival: 1_795_000_000,
+            now: 1_795_014_400,
+            failed: &deferred,
+            original_headers: b"Subject: hello\r\n\r\n",
+            delayed_until: Some(1_795_432_000),
+        });
+        let msg = MessageParser::new().parse(&raw).expect("parses");
+        assert_eq!(msg.subject(), Some("Delayed Mail (still being retried)"));
+        let kids: Vec<_> = msg.root_part().children().collect();
+        let status = String::from_utf8_lossy(kids[1].raw_body()).to_string();
+        assert!(status.contains("Action: delayed"), "{status}");
+        assert!(status.contains("Status: 4.2.1"), "{status}");
+        assert!(status.contains("Will-Retry-Until: "), "{status}");
+        assert!(!status.contains("Action: failed"));
     }
 }

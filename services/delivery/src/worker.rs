@@ -23,11 +23,13 @@ use tokio::{
     sync::{Semaphore, watch},
     task::JoinSet,
 };
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
-    attempt::{Attempt, Deliverer, Outcome},
+    attempt::{Attempt, Deliverer, Delivery, Outcome},
     dsn,
+    egress::Unavailable,
+    shaping::SharedState,
 };
 
 /// Name of the durable consumer all delivery pods share.
@@ -69,8 +71,30 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     health: Arc<Health>,
 ) -> Result<(), DeliveryError> {
-    let deliverer =
-        Arc::new(Deliverer::new(config.clone(), resources).map_err(DeliveryError::Resolver)?);
+    let state = SharedState::setup(
+        queue.jetstream(),
+        config.nats.replicas,
+        config.delivery.shaping.lease_ttl,
+        config.delivery.shaping.reputation_half_life,
+    )
+    .await
+    .map_err(|e| DeliveryError::Consumer(e.to_string()))?;
+    let deliverer = Arc::new(
+        Deliverer::new(config.clone(), resources, state.clone())
+            .map_err(DeliveryError::Resolver)?,
+    );
+    // Reputation outcomes are written in batches: one CAS per (source, provider) every few
+    // seconds rather than one per message.
+    let flusher = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                state.flush_reputation().await;
+            }
+        })
+    };
     let concurrency = config.delivery.concurrency.max(1);
     let stream = queue
         .jetstream()
@@ -173,7 +197,37 @@ pub async fn run(
         "delivery draining: no new entries pulled"
     );
     while in_flight.join_next().await.is_some() {}
+    deliverer.close_idle().await;
+    flusher.abort();
+    state.flush_reputation().await;
     Ok(())
+}
+
+/// Counts a shaping rule that fired.
+pub fn count_rule(rule: &str, action: herald_core::egress::RuleAction) {
+    let action = match action {
+        herald_core::egress::RuleAction::Suspend => "suspend",
+        herald_core::egress::RuleAction::SuspendProvider => "suspend_provider",
+        herald_core::egress::RuleAction::CutRate => "cut_rate",
+        herald_core::egress::RuleAction::Bounce => "bounce",
+    };
+    static COUNTER: std::sync::OnceLock<opentelemetry::metrics::Counter<u64>> =
+        std::sync::OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            opentelemetry::global::meter("herald.delivery")
+                .u64_counter("herald.delivery.shaping.actions")
+                .with_description("Traffic-shaping rules that fired, by rule and action")
+                .with_unit("{action}")
+                .build()
+        })
+        .add(
+            1,
+            &[
+                KeyValue::new("rule", rule.to_string()),
+                KeyValue::new("action", action),
+            ],
+        );
 }
 
 /// Queue depth and consumer lag as gauges, polled from JetStream every 10 s. The returned
@@ -308,12 +362,12 @@ impl Worker {
         entry.recipients = keep;
         if !suppressed.is_empty() {
             info!(count = suppressed.len(), "suppressed recipients skipped");
+            let none = Attempt::all(&entry, Outcome::Deferred(String::new()));
             self.event(
                 &entry,
                 EventKind::Suppressed,
                 &suppressed,
-                "",
-                false,
+                &none,
                 attempt,
                 "",
             )
@@ -355,25 +409,87 @@ impl Worker {
                 let _ = msg.ack_with(AckKind::Progress).await;
             }
         };
-        let result = tokio::select! {
+        let started = std::time::Instant::now();
+        let delivery = tokio::select! {
             r = self.deliverer.attempt(&entry, &body) => r,
             _ = progress => unreachable!("progress loop never ends"),
         };
-        self.finish(&msg, &entry, attempt, &result, Some(&body))
-            .await;
+        match delivery {
+            Delivery::Done(mut result) => {
+                result.duration = started.elapsed();
+                self.finish(&msg, &entry, attempt, &result, Some(&body))
+                    .await
+            }
+            Delivery::Wait(why) => self.wait(&msg, &entry, attempt, why).await,
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// No source may send to the entry's site now (suspended, saturated, at its warm-up
+    /// cap): the entry goes back to the queue for later without counting as an attempt,
+    /// and the worker's slot is free for other sites at once.
+    async fn wait(&self, msg: &Message, entry: &QueueEntry, attempt: u32, why: Unavailable) {
+        let now_ms = crate::shaping::now_ms();
+        let due = why.until_ms.max(now_ms + 1000);
+        let not_before = (due + 999).div_euclid(1000);
+        // Past the lifetime, waiting longer would only delay the bounce.
+        let expires = entry.received_at + self.config.nats.queue_lifetime.as_secs() as i64;
+        if not_before > expires {
+            let result = Attempt::all(
+                entry,
+                Outcome::Deferred(format!("not sent before expiry: {}", why.reason)),
+            );
+            self.finish(msg, entry, attempt, &result, None).await;
+            return;
+        }
+        tracing::Span::current().record("herald.outcome", "throttled");
+        debug!(reason = %why.reason, wait_ms = due - now_ms, "entry waits for its site's throttles");
+        self.metrics
+            .throttled
+            .add(1, &[KeyValue::new("reason", why.kind)]);
+        let later = QueueEntry {
+            attempt: attempt.saturating_sub(1),
+            not_before,
+            ..entry.clone()
+        };
+        let id = format!("{}.{}.w{}", entry.id, entry.domain, ulid::Ulid::new());
+        match self
+            .queue
+            .schedule_entry(&later, not_before, Some(id))
+            .await
+        {
+            Ok(_) => {
+                if let Err(e) = msg.double_ack().await {
+                    warn!(error = %e, "ack not confirmed");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "wait not scheduled; the entry comes back by redelivery");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(
+                        (due - now_ms).max(1000) as u64,
+                    ))))
+                    .await;
+            }
+        }
+    }
+
+    /// One event per outcome kind of an attempt, with where it went and how long it took.
     async fn event(
         &self,
         entry: &QueueEntry,
         kind: EventKind,
         list: &[(String, String)],
-        remote_host: &str,
-        tls: bool,
+        result: &Attempt,
         attempt: u32,
         bounce_class: &str,
     ) {
+        let first = list.first().map(|(_, w)| w.as_str()).unwrap_or_default();
+        let code = first.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let enhanced = first
+            .split_whitespace()
+            .nth(if code > 0 { 1 } else { 0 })
+            .filter(|w| w.split('.').count() == 3 && w.split('.').all(|p| p.parse::<u16>().is_ok()))
+            .unwrap_or_default();
         let event = Event {
             kind: kind as i32,
             queue_id: entry.id.clone(),
@@ -381,19 +497,19 @@ impl Worker {
             sender: entry.sender.clone(),
             recipients: list.iter().map(|(r, _)| r.clone()).collect(),
             domain: entry.domain.clone(),
-            remote_host: remote_host.to_string(),
-            reply_text: list.first().map(|(_, w)| w.clone()).unwrap_or_default(),
-            reply_code: list
-                .first()
-                .and_then(|(_, w)| w.get(..3))
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0),
+            remote_host: result.remote_host.clone(),
+            reply_text: first.to_string(),
+            reply_code: code,
+            enhanced_code: enhanced.to_string(),
             attempt,
             at: now_unix(),
             message_id: entry.message_id.clone(),
-            tls,
+            tls: result.tls,
             bounce_class: bounce_class.to_string(),
-            ..Default::default()
+            source_ip: result.source_ip.clone(),
+            site: result.site.clone(),
+            duration_ms: result.duration.as_millis() as u64,
+            size: entry.body.as_ref().map(|b| b.size).unwrap_or(0),
         };
         self.queue.publish_event(event).await;
     }
@@ -442,7 +558,7 @@ impl Worker {
             }
         }
         for (rcpt, reply) in &delivered {
-            info!(rcpt = %rcpt, remote = %result.remote_host, tls = result.tls, reply = %reply, "delivered");
+            info!(rcpt = %rcpt, remote = %result.remote_host, source = %result.source_ip, tls = result.tls, reply = %reply, "delivered");
         }
         for (rcpt, why) in &failed {
             warn!(rcpt = %rcpt, remote = %result.remote_host, reason = %why, "permanent failure");
@@ -472,40 +588,30 @@ impl Worker {
                     .add(n as u64, &[KeyValue::new("outcome", kind), domain.clone()]);
             }
         }
-        let (host, tls) = (result.remote_host.as_str(), result.tls);
         if !delivered.is_empty() {
             let waited = (now - entry.received_at).max(0) as f64;
             self.metrics.latency.record(waited, &[domain]);
-            self.event(
-                entry,
-                EventKind::Delivered,
-                &delivered,
-                host,
-                tls,
-                attempt,
-                "",
-            )
-            .await;
+            self.event(entry, EventKind::Delivered, &delivered, result, attempt, "")
+                .await;
         }
         if !deferred.is_empty() {
-            self.event(
-                entry,
-                EventKind::Deferred,
-                &deferred,
-                host,
-                tls,
-                attempt,
-                "",
-            )
-            .await;
+            self.event(entry, EventKind::Deferred, &deferred, result, attempt, "")
+                .await;
         }
         if !failed.is_empty() {
-            self.bounce(entry, &failed, host, attempt, body).await;
+            self.bounce(entry, &failed, result, attempt, body).await;
         }
 
         if deferred.is_empty() {
             self.done(msg, entry).await;
             return;
+        }
+        let warn_now = config.delivery.delay_warning.is_some_and(|after| {
+            !entry.delay_warned && now - entry.received_at >= after.as_secs() as i64
+        });
+        if warn_now {
+            self.warn_delay(entry, &deferred, result, attempt, body, expires)
+                .await;
         }
         // Only the deferred recipients come back, as a schedule due after the backoff.
         let retry = QueueEntry {
@@ -517,6 +623,7 @@ impl Worker {
                 .collect::<Vec<Recipient>>(),
             attempt,
             not_before: now + delay.as_secs() as i64,
+            delay_warned: entry.delay_warned || warn_now,
             ..entry.clone()
         };
         match self
@@ -540,13 +647,14 @@ impl Worker {
         }
     }
 
-    /// Failed recipients: events with their class, hard bounces suppressed, one DSN to the
-    /// sender (never for the null sender: a bounce does not bounce).
+    /// Failed recipients: events with their class (`expired` for the queue lifetime), hard
+    /// bounces suppressed, one DSN to the sender (never for the null sender: a bounce does
+    /// not bounce).
     async fn bounce(
         &self,
         entry: &QueueEntry,
         failed: &[(String, String)],
-        remote_host: &str,
+        result: &Attempt,
         attempt: u32,
         body: Option<&[u8]>,
     ) {
@@ -554,12 +662,16 @@ impl Worker {
         for (rcpt, why) in failed {
             let status = dsn::status_of(why);
             let class = dsn::class_of(&status);
+            let kind = if class == "expired" {
+                EventKind::Expired
+            } else {
+                EventKind::Bounced
+            };
             self.event(
                 entry,
-                EventKind::Bounced,
+                kind,
                 &[(rcpt.clone(), why.clone())],
-                remote_host,
-                false,
+                result,
                 attempt,
                 class,
             )
@@ -569,17 +681,62 @@ impl Worker {
             {
                 warn!(error = %e, rcpt = %rcpt, "not added to the suppression list");
             }
-            report.push(dsn::Failed {
-                recipient: rcpt.clone(),
-                status,
-                diagnostic: why.clone(),
-                remote_mta: remote_host
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-            });
+            report.push(self.dsn_line(rcpt, status, why, result));
         }
+        self.send_dsn(entry, &report, body, None).await;
+    }
+
+    fn dsn_line(&self, rcpt: &str, status: String, why: &str, result: &Attempt) -> dsn::Failed {
+        dsn::Failed {
+            recipient: rcpt.to_string(),
+            status,
+            diagnostic: why.to_string(),
+            remote_mta: result
+                .remote_host
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        }
+    }
+
+    /// A delay warning (RFC 3464 `Action: delayed`) for recipients still deferred after
+    /// `delivery.delay_warning`; sent once per entry.
+    async fn warn_delay(
+        &self,
+        entry: &QueueEntry,
+        deferred: &[(String, String)],
+        result: &Attempt,
+        attempt: u32,
+        body: Option<&[u8]>,
+        expires: i64,
+    ) {
+        let report: Vec<dsn::Failed> = deferred
+            .iter()
+            .map(|(rcpt, why)| {
+                let status = dsn::status_of(why);
+                // A deferral's status is 4.x.x; a reply without one reads as 4.0.0.
+                let status = if status.starts_with('4') {
+                    status
+                } else {
+                    "4.0.0".to_string()
+                };
+                self.dsn_line(rcpt, status, why, result)
+            })
+            .collect();
+        self.event(entry, EventKind::Delayed, deferred, result, attempt, "")
+            .await;
+        self.send_dsn(entry, &report, body, Some(expires)).await;
+    }
+
+    /// Builds a DSN and queues it to the envelope sender, from the sender's MailDomain.
+    async fn send_dsn(
+        &self,
+        entry: &QueueEntry,
+        report: &[dsn::Failed],
+        body: Option<&[u8]>,
+        delayed_until: Option<i64>,
+    ) {
         if entry.sender.is_empty() {
             return;
         }
@@ -602,22 +759,29 @@ impl Worker {
             queue_id: &entry.id,
             arrival: entry.received_at,
             now,
-            failed: &report,
+            failed: report,
             original_headers: body.map(dsn::header_block).unwrap_or_default(),
+            delayed_until,
         });
-        if let Err(e) = self.queue_bounce(entry, message, now).await {
-            // The failure is in the events either way; the bounce is best effort.
-            error!(error = %e, "bounce not queued");
+        let tag = if delayed_until.is_some() {
+            "delay"
+        } else {
+            "bounce"
+        };
+        if let Err(e) = self.queue_bounce(entry, message, now, tag).await {
+            // The failure is in the events either way; the DSN is best effort.
+            error!(error = %e, "DSN not queued");
         }
     }
 
-    /// Queues a bounce like any message: body once, one entry to the sender's domain, from
+    /// Queues a DSN like any message: body once, one entry to the sender's domain, from
     /// the null sender, signed with the original sender's MailDomain key.
     async fn queue_bounce(
         &self,
         entry: &QueueEntry,
         message: Vec<u8>,
         now: i64,
+        tag: &str,
     ) -> Result<(), CoreError> {
         let Some((_, domain)) = entry.sender.rsplit_once('@') else {
             return Ok(());
@@ -648,12 +812,13 @@ impl Worker {
             smtputf8: false,
             eight_bit: false,
             traceparent: entry.traceparent.clone(),
-            message_id: format!("<{}.bounce@{}>", entry.id, self.config.delivery.hostname),
+            message_id: format!("<{}.{tag}@{}>", entry.id, self.config.delivery.hostname),
+            delay_warned: true,
         };
         self.queue
-            .publish_entry(&bounce, Some(format!("{}.bounce.{}", entry.id, now)))
+            .publish_entry(&bounce, Some(format!("{}.{tag}.{}", entry.id, now)))
             .await?;
-        info!(bounce_id = %id, size, to = %entry.sender, "bounce queued");
+        info!(dsn_id = %id, size, to = %entry.sender, kind = tag, "DSN queued");
         Ok(())
     }
 }

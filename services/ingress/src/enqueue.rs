@@ -172,6 +172,7 @@ pub async fn enqueue(
             eight_bit: sub.eight_bit,
             traceparent: sub.traceparent.clone(),
             message_id: message_id.clone(),
+            delay_warned: false,
         })
         .collect();
     // Mail held by the hourly limit waits as a schedule, not in the consumer.

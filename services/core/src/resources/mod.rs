@@ -93,6 +93,10 @@ pub struct MailDomainSpec {
     /// MX hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smarthost: Option<crate::route::SmarthostRoute>,
+    /// Egress pool (a name from the delivery configuration's `pools`) this domain's mail
+    /// leaves from, unless the sending SmtpAccount names its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_pool: Option<String>,
 }
 
 /// DKIM settings of a MailDomain.
@@ -529,6 +533,8 @@ pub struct DomainView {
     pub ready: Result<(), String>,
     /// Upstream relay for all of this domain's mail.
     pub smarthost: Option<crate::route::ResolvedRoute>,
+    /// Egress pool named by the MailDomain.
+    pub egress_pool: Option<String>,
 }
 
 /// An SmtpAccount as the data plane sees it.
@@ -680,6 +686,7 @@ impl Resources {
                     keys,
                     ready,
                     smarthost,
+                    egress_pool: md.spec.egress_pool.clone(),
                 },
             );
         }

