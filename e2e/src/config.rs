@@ -52,6 +52,10 @@ pub struct DeliveryConfig {
     pub retry_max: Duration,
     /// JetStream ack wait: how soon an entry held by a killed worker comes back.
     pub ack_wait: Duration,
+    /// A YAML mapping deep-merged into the written `delivery:` section, for settings the
+    /// fields above do not cover (`concurrency`, nested sections): mappings merge key by
+    /// key, anything else replaces what is there.
+    pub extra: Option<Value>,
 }
 
 #[derive(Clone, Debug)]
@@ -67,7 +71,7 @@ pub struct SinkConfig {
 /// delivery: {hostname, dns: {nameservers: ["127.0.0.1:PORT"]}, smtp_port, retry: {initial, max}, ack_wait}
 /// sink: {addr, maildir}
 /// ```
-/// Sections left `None` are not written.
+/// Sections left `None` are not written; `delivery` gets [`DeliveryConfig::extra`] merged in.
 #[derive(Clone, Debug)]
 pub struct HeraldConfig {
     pub nats_url: String,
@@ -114,28 +118,29 @@ impl HeraldConfig {
             root.insert(s("ingress"), Value::Mapping(m));
         }
         if let Some(d) = &self.delivery {
-            root.insert(
-                s("delivery"),
-                map([
-                    ("hostname", s(&d.hostname)),
-                    (
-                        "dns",
-                        map([(
-                            "nameservers",
-                            Value::Sequence(d.nameservers.iter().map(|n| s(n)).collect()),
-                        )]),
-                    ),
-                    ("smtp_port", Value::Number(d.smtp_port.into())),
-                    (
-                        "retry",
-                        map([
-                            ("initial", s(&humantime(d.retry_initial))),
-                            ("max", s(&humantime(d.retry_max))),
-                        ]),
-                    ),
-                    ("ack_wait", s(&humantime(d.ack_wait))),
-                ]),
-            );
+            let mut delivery = map([
+                ("hostname", s(&d.hostname)),
+                (
+                    "dns",
+                    map([(
+                        "nameservers",
+                        Value::Sequence(d.nameservers.iter().map(|n| s(n)).collect()),
+                    )]),
+                ),
+                ("smtp_port", Value::Number(d.smtp_port.into())),
+                (
+                    "retry",
+                    map([
+                        ("initial", s(&humantime(d.retry_initial))),
+                        ("max", s(&humantime(d.retry_max))),
+                    ]),
+                ),
+                ("ack_wait", s(&humantime(d.ack_wait))),
+            ]);
+            if let Some(extra) = &d.extra {
+                deep_merge(&mut delivery, extra.clone());
+            }
+            root.insert(s("delivery"), delivery);
         }
         if let Some(sink) = &self.sink {
             root.insert(
@@ -173,6 +178,24 @@ fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
     Value::Mapping(m)
 }
 
+/// Merges `overlay` into `base`: mappings key by key (recursively), anything else
+/// (scalars, sequences, a mapping over a scalar) replaces the value in `base`.
+fn deep_merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Mapping(base), Value::Mapping(overlay)) => {
+            for (k, v) in overlay {
+                match base.get_mut(&k) {
+                    Some(existing) => deep_merge(existing, v),
+                    None => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
 /// `2s`, `1500ms`: what humantime parses.
 fn humantime(d: Duration) -> String {
     if d.subsec_millis() == 0 {
@@ -206,6 +229,7 @@ mod tests {
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_millis(10_500),
             ack_wait: Duration::from_secs(5),
+            extra: None,
         });
         let v: Value = serde_yaml::from_str(&c.to_yaml()).expect("parses");
         assert_eq!(v["nats"]["url"], s("nats://127.0.0.1:4222"));
@@ -222,5 +246,44 @@ mod tests {
         assert_eq!(v["delivery"]["retry"]["initial"], s("2s"));
         assert_eq!(v["delivery"]["retry"]["max"], s("10500ms"));
         assert!(v.get("sink").is_none());
+    }
+
+    #[test]
+    fn delivery_extra_is_deep_merged() {
+        let mut c = HeraldConfig::new("nats://127.0.0.1:4222", Path::new("/r"));
+        c.delivery = Some(DeliveryConfig {
+            hostname: "mta.herald.test".into(),
+            nameservers: vec!["127.0.0.1:5353".into()],
+            smtp_port: 25,
+            retry_initial: Duration::from_secs(2),
+            retry_max: Duration::from_secs(4),
+            ack_wait: Duration::from_secs(5),
+            extra: Some(
+                serde_yaml::from_str(
+                    "{concurrency: 8, smtp_port: 2525, retry: {max: 9s}, \
+                     dns: {nameservers: ['127.0.0.1:53']}, \
+                     pools: {default: {sources: [127.0.0.9]}}}",
+                )
+                .expect("extra is YAML"),
+            ),
+        });
+        let v: Value = serde_yaml::from_str(&c.to_yaml()).expect("parses");
+        let d = &v["delivery"];
+        assert_eq!(d["concurrency"], Value::Number(8.into()));
+        assert_eq!(
+            d["smtp_port"],
+            Value::Number(2525.into()),
+            "a scalar replaces"
+        );
+        assert_eq!(d["retry"]["max"], s("9s"), "nested keys are replaced...");
+        assert_eq!(d["retry"]["initial"], s("2s"), "...and their siblings kept");
+        assert_eq!(
+            d["dns"]["nameservers"],
+            Value::Sequence(vec![s("127.0.0.1:53")]),
+            "a sequence replaces, it is not appended to"
+        );
+        assert_eq!(d["pools"]["default"]["sources"][0], s("127.0.0.9"));
+        assert_eq!(d["hostname"], s("mta.herald.test"));
+        assert_eq!(d["ack_wait"], s("5s"));
     }
 }

@@ -84,6 +84,26 @@ impl Herald {
         h
     }
 
+    /// Several processes of one listener-less role (delivery pods) on the same config
+    /// file, hence the same NATS: spawned together and then waited for, so that they are
+    /// up at the same time. Each logs to `herald-<name>.log`; names must differ.
+    pub fn start_several(
+        scenario: &Scenario,
+        names: &[&str],
+        role: Role,
+        config: &Path,
+        env: &[(String, String)],
+    ) -> Vec<Herald> {
+        let mut all: Vec<Herald> = names
+            .iter()
+            .map(|name| Herald::spawn_with_env(scenario, name, role, config, None, env))
+            .collect();
+        for h in &mut all {
+            h.wait_ready();
+        }
+        all
+    }
+
     /// Spawns without waiting (for crash tests that kill it right away).
     pub fn spawn(
         scenario: &Scenario,

@@ -13,11 +13,14 @@
 mod config;
 mod dkim;
 mod dns;
+mod events;
+mod fleet;
 mod herald;
 mod mail;
 mod nats;
 mod postfix;
 mod process;
+mod recording;
 mod resources;
 mod smtp;
 mod swaks;
@@ -31,10 +34,18 @@ use std::time::{Duration, Instant};
 pub use config::{DeliveryConfig, HeraldConfig, IngressConfig, Listener, SinkConfig, TlsMode};
 pub use dkim::{DkimKey, dkim_verify, dkimpy_sign, self_signed_cert};
 pub use dns::{Dns, DnsRecords};
+pub use events::{EVENTS_STREAM, Event, EventKind, events, try_events};
+pub use fleet::{
+    FLEET_ACCOUNT, FLEET_PASSWORD, Fleet, FleetOptions, message_ids, submit, unix_now,
+};
 pub use herald::{Herald, Role, herald_bin};
 pub use mail::{dkim_signatures, dkim_tags, header_values};
 pub use nats::Nats;
 pub use postfix::Postfix;
+pub use recording::{
+    MxEvent, MxReply, RecordingMx, data_by_peer, max_concurrent_connections, max_in_window,
+    message_id_counts,
+};
 pub use resources::{DkimAlgorithm, DkimSpec, Resources, Verification};
 pub use smtp::RawSmtp;
 pub use swaks::{Swaks, SwaksOutput, swaks};

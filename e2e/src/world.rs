@@ -26,6 +26,8 @@ pub struct WorldOptions {
     pub account_spec: Option<String>,
     /// More resource documents (YAML), e.g. a Secret the account refers to.
     pub extra_documents: Vec<String>,
+    /// YAML mapping deep-merged into the config file's `delivery:` section.
+    pub delivery_extra: Option<serde_yaml::Value>,
 }
 
 pub struct World {
@@ -82,6 +84,7 @@ impl World {
             plaintext,
             account_spec,
             extra_documents,
+            delivery_extra,
         } = opts;
         let (ingress_env, delivery_env) = (&ingress_env[..], &delivery_env[..]);
         let scenario = Scenario::new(name);
@@ -135,6 +138,7 @@ impl World {
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(4),
             ack_wait: Duration::from_secs(5),
+            extra: delivery_extra,
         });
         let config = config.write(&scenario.dir().join("herald.yaml"));
         let ingress = Herald::start_with_env(

@@ -126,6 +126,7 @@ impl Relay {
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(10),
             ack_wait: Duration::from_secs(5),
+            extra: None,
         });
         let config = config.write(&scenario.dir().join("herald.yaml"));
 

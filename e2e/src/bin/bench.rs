@@ -376,6 +376,7 @@ impl HeraldStack {
             retry_initial: Duration::from_secs(5),
             retry_max: Duration::from_secs(30),
             ack_wait: Duration::from_secs(60),
+            extra: None,
         });
         let config = config.write(&scenario.dir().join("herald.yaml"));
         let ingress_env = env(&[("HERALD_INGRESS__MAX_CONNECTIONS_PER_IP", "1000")]);

@@ -494,24 +494,29 @@ impl Deliverer {
         };
         let mut wait: Option<Unavailable> = None;
         for source in sources {
-            match self.admit(&source, &site).await {
-                Admission::Session(session) => {
+            let session = match self.admit(&source, &site).await {
+                Admission::Session(s) => *s,
+                Admission::Slot(slot) => {
+                    match self.connect(&source, &site, &hops, slot, entry).await {
+                        Ok(s) => s,
+                        Err(attempt) => return Delivery::Done(attempt),
+                    }
+                }
+                Admission::Wait(u) => {
+                    if wait.as_ref().is_none_or(|w| u.until_ms < w.until_ms) {
+                        wait = Some(u);
+                    }
+                    continue;
+                }
+            };
+            match self.pace(&source, &site, session).await {
+                Ok(session) => {
                     return Delivery::Done(
-                        self.deliver(&source, &site, &hops, session.map(|s| *s), entry, &prepared)
+                        self.deliver(&source, &site, &hops, session, entry, &prepared)
                             .await,
                     );
                 }
-                Admission::Slot(slot) => {
-                    let opened = self.connect(&source, &site, &hops, slot, entry).await;
-                    return Delivery::Done(match opened {
-                        Ok(session) => {
-                            self.deliver(&source, &site, &hops, Some(session), entry, &prepared)
-                                .await
-                        }
-                        Err(attempt) => attempt,
-                    });
-                }
-                Admission::Wait(u) => {
+                Err(u) => {
                     if wait.as_ref().is_none_or(|w| u.until_ms < w.until_ms) {
                         wait = Some(u);
                     }
@@ -525,53 +530,59 @@ impl Deliverer {
         }))
     }
 
-    /// Lets a message through the (source, site) throttles: an idle session or a free
-    /// connection slot, a message-rate slot, and today's warm-up allowance. Waits inside the
-    /// worker at most `hold_max`; beyond that the entry waits in the queue instead.
+    /// A connection for a message from `source` to `site`: an idle session, or a free
+    /// connection slot (claimed across pods) to open a new one. Waits inside the worker at
+    /// most `hold_max`; beyond that the entry waits in the queue instead.
     async fn admit(&self, source: &Source, site: &Site) -> Admission {
         let shaping = &self.config.delivery.shaping;
         let deadline = tokio::time::Instant::now() + shaping.hold_max;
-        // 1. A connection: an idle one, else a slot for a new one.
-        let mut session = self.idle.take(&source.key, &site.key);
-        let mut slot = None;
-        if session.is_none() {
-            loop {
-                match self
-                    .state
-                    .claim_slot(&source.key, &site.key, site.limits.max_connections)
-                    .await
-                {
-                    Ok(Some(s)) => {
-                        slot = Some(s);
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        warn!(error = %e, "connection slots unavailable; connecting without one");
-                        break;
-                    }
-                }
-                // A connection may have become idle meanwhile.
-                if let Some(s) = self.idle.take(&source.key, &site.key) {
-                    session = Some(s);
-                    break;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    let pause = rand::rng().random_range(500..1500);
-                    return Admission::Wait(Unavailable {
-                        kind: "connections",
-                        until_ms: now_ms() + pause,
-                        reason: format!(
-                            "all {} connections from {} to {} are busy",
-                            site.limits.max_connections, source.name, site.label
-                        ),
-                    });
-                }
-                let pause = rand::rng().random_range(20..120);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
+        if let Some(s) = self.idle.take(&source.key, &site.key) {
+            return Admission::Session(Box::new(s));
         }
-        // 2. The message rate.
+        loop {
+            match self
+                .state
+                .claim_slot(&source.key, &site.key, site.limits.max_connections)
+                .await
+            {
+                Ok(Some(slot)) => return Admission::Slot(Some(slot)),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "connection slots unavailable; connecting without one");
+                    return Admission::Slot(None);
+                }
+            }
+            // A connection may have become idle meanwhile.
+            if let Some(s) = self.idle.take(&source.key, &site.key) {
+                return Admission::Session(Box::new(s));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let pause = rand::rng().random_range(500..1500);
+                return Admission::Wait(Unavailable {
+                    kind: "connections",
+                    until_ms: now_ms() + pause,
+                    reason: format!(
+                        "all {} connections from {} to {} are busy",
+                        site.limits.max_connections, source.name, site.label
+                    ),
+                });
+            }
+            let pause = rand::rng().random_range(20..120);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    /// The message-rate slot and today's warm-up allowance, taken on an open session right
+    /// before MAIL FROM, so that what the remote host sees is paced, not what we planned.
+    /// When the message cannot go now the session is kept idle for the next one.
+    async fn pace(
+        &self,
+        source: &Source,
+        site: &Site,
+        session: Session,
+    ) -> Result<Session, Unavailable> {
+        let shaping = &self.config.delivery.shaping;
+        let deadline = tokio::time::Instant::now() + shaping.hold_max;
         loop {
             match self
                 .state
@@ -585,10 +596,9 @@ impl Deliverer {
             {
                 Ok((None, _)) => break,
                 Ok((Some(wait), _)) => {
-                    let now = tokio::time::Instant::now();
-                    if now + wait > deadline {
-                        self.give_back(source, site, session, slot).await;
-                        return Admission::Wait(Unavailable {
+                    if tokio::time::Instant::now() + wait > deadline {
+                        self.idle.put(&source.key, &site.key, session);
+                        return Err(Unavailable {
                             kind: "rate",
                             until_ms: now_ms() + wait.as_millis() as i64,
                             reason: format!(
@@ -605,54 +615,39 @@ impl Deliverer {
                 }
             }
         }
-        // 3. Warm-up: counted only once everything else allows the message.
-        if source.warmup {
-            let cap = self
-                .state
-                .warmup_cap(&source.key, &self.config.delivery.warmup.schedule)
-                .await;
-            if let Ok(Some(cap)) = cap {
-                match self
-                    .state
-                    .warmup_take(&source.key, &site.provider, cap)
-                    .await
-                {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        self.give_back(source, site, session, slot).await;
-                        let tomorrow = (now_ms().div_euclid(86_400_000) + 1) * 86_400_000;
-                        return Admission::Wait(Unavailable {
-                            kind: "warmup",
-                            until_ms: tomorrow,
-                            reason: format!(
-                                "source {} reached today's warm-up cap of {cap} for {}",
-                                source.name, site.label
-                            ),
-                        });
-                    }
-                    Err(e) => warn!(error = %e, "warm-up count not recorded"),
-                }
+        if !source.warmup {
+            return Ok(session);
+        }
+        // Counted only once everything else lets the message go.
+        let cap = self
+            .state
+            .warmup_cap(&source.key, &self.config.delivery.warmup.schedule)
+            .await;
+        let Ok(Some(cap)) = cap else {
+            return Ok(session);
+        };
+        match self
+            .state
+            .warmup_take(&source.key, &site.provider, cap)
+            .await
+        {
+            Ok(true) => Ok(session),
+            Ok(false) => {
+                self.idle.put(&source.key, &site.key, session);
+                let tomorrow = (now_ms().div_euclid(86_400_000) + 1) * 86_400_000;
+                Err(Unavailable {
+                    kind: "warmup",
+                    until_ms: tomorrow,
+                    reason: format!(
+                        "source {} reached today's warm-up cap of {cap} for {}",
+                        source.name, site.label
+                    ),
+                })
             }
-        }
-        match session {
-            Some(s) => Admission::Session(Some(Box::new(s))),
-            None => Admission::Slot(slot),
-        }
-    }
-
-    /// Returns what `admit` took when the message does not go after all.
-    async fn give_back(
-        &self,
-        source: &Source,
-        site: &Site,
-        session: Option<Session>,
-        slot: Option<crate::shaping::Slot>,
-    ) {
-        if let Some(s) = session {
-            self.idle.put(&source.key, &site.key, s);
-        }
-        if let Some(slot) = slot {
-            self.state.release_slot(slot).await;
+            Err(e) => {
+                warn!(error = %e, "warm-up count not recorded");
+                Ok(session)
+            }
         }
     }
 
@@ -774,14 +769,10 @@ impl Deliverer {
         source: &Source,
         site: &Site,
         hops: &[Hop],
-        session: Option<Session>,
+        mut session: Session,
         entry: &QueueEntry,
         prepared: &Prepared<'_>,
     ) -> Attempt {
-        let Some(mut session) = session else {
-            // Unreachable by construction (a slot always becomes a session first).
-            return Attempt::all(entry, Outcome::Deferred("no connection".into()));
-        };
         let started = std::time::Instant::now();
         let mut reused = session.sent > 0;
         loop {
@@ -804,6 +795,12 @@ impl Deliverer {
                 .await;
             let remote_host = format!("{} [{}]", session.host, session.addr.ip());
             let tls = session.conn.is_tls();
+            // The address the remote host saw, also when the OS picked it.
+            let source_ip = session
+                .conn
+                .local
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|| source.ip_label());
             match result {
                 Ok(t) => {
                     session.sent += 1;
@@ -815,7 +812,7 @@ impl Deliverer {
                         outcomes: t.outcomes,
                         remote_host,
                         tls,
-                        source_ip: source.ip_label(),
+                        source_ip,
                         site: site.label.clone(),
                         duration: Duration::ZERO,
                     };
@@ -841,7 +838,7 @@ impl Deliverer {
                             .record(&source.key, &site.provider, Verdict::Deferred);
                     }
                     return Attempt {
-                        source_ip: source.ip_label(),
+                        source_ip,
                         site: site.label.clone(),
                         remote_host: remote_host.clone(),
                         tls,
@@ -1089,7 +1086,7 @@ impl Deliverer {
 /// What [`Deliverer::admit`] grants.
 enum Admission {
     /// An open session to reuse.
-    Session(Option<Box<Session>>),
+    Session(Box<Session>),
     /// A connection slot (or none when the slot state is unavailable): connect.
     Slot(Option<crate::shaping::Slot>),
     Wait(Unavailable),

@@ -172,6 +172,8 @@ pub struct SharedState {
     scores: Arc<Mutex<HashMap<(String, String), Scored>>>,
     /// First day (Unix days) each warming source was used; it never changes once set.
     first_days: Arc<Mutex<HashMap<String, i64>>>,
+    /// Rate keys last seen cut (factor below 1): only those need recovery writes.
+    cut: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl SharedState {
@@ -217,6 +219,7 @@ impl SharedState {
             pending: Arc::default(),
             scores: Arc::default(),
             first_days: Arc::default(),
+            cut: Arc::default(),
         })
     }
 
@@ -354,14 +357,31 @@ impl SharedState {
         cut_base: f64,
     ) -> Result<(Option<Duration>, f64), ShapingError> {
         let key = format!("rate.{source}.{site}");
+        let result = self.take_rate_at(&key, rate, cut_base).await;
+        if let (Ok((_, factor)), Ok(mut cut)) = (&result, self.cut.lock()) {
+            if *factor < 1.0 {
+                cut.insert(key);
+            } else {
+                cut.remove(&key);
+            }
+        }
+        result
+    }
+
+    async fn take_rate_at(
+        &self,
+        key: &str,
+        rate: Option<f64>,
+        cut_base: f64,
+    ) -> Result<(Option<Duration>, f64), ShapingError> {
         if rate.is_none() {
             // Unlimited unless a rule cut it: one read, no write, on the common path.
-            match Self::get::<RateState>(&self.shaping, &key).await? {
+            match Self::get::<RateState>(&self.shaping, key).await? {
                 Some(s) if s.factor < 1.0 => {}
                 _ => return Ok((None, 1.0)),
             }
         }
-        Self::cas(&self.shaping, &key, |cur: Option<RateState>| {
+        Self::cas(&self.shaping, key, |cur: Option<RateState>| {
             let now = now_ms();
             let mut s = cur.unwrap_or(RateState {
                 tat_ms: 0,
@@ -379,7 +399,9 @@ impl SharedState {
             let per_second = (full * s.factor).max(0.001);
             // Counted from the grant, not the theoretical time: grants are never closer
             // than one interval, so no window of a second ever sees more than the rate.
-            s.tat_ms = now + (1000.0 / per_second).ceil() as i64;
+            // One percent more keeps it so at the remote end too, where network jitter
+            // moves arrivals by a millisecond or two.
+            s.tat_ms = now + (1010.0 / per_second).ceil() as i64;
             let factor = s.factor;
             Change::Put(s, (None, factor))
         })
@@ -399,11 +421,20 @@ impl SharedState {
             Change::Put(s, f)
         })
         .await
+        .inspect(|_| {
+            if let Ok(mut cut) = self.cut.lock() {
+                cut.insert(key.clone());
+            }
+        })
     }
 
-    /// Gives back `step` of the full rate after a delivery (additive increase).
+    /// Gives back `step` of the full rate after a delivery (additive increase). Only rates
+    /// this pod last saw cut are written: the common, uncut path costs nothing.
     pub async fn recover_rate(&self, source: &str, site: &str, step: f64) {
         let key = format!("rate.{source}.{site}");
+        if !self.cut.lock().is_ok_and(|c| c.contains(&key)) {
+            return;
+        }
         let r = Self::cas(&self.shaping, &key, |cur: Option<RateState>| match cur {
             Some(mut s) if s.factor < 1.0 => {
                 s.factor = (s.factor + step).min(1.0);
@@ -607,6 +638,34 @@ impl SharedState {
                 Err(e) => warn!(error = %e, "reputation not recorded"),
             }
         }
+    }
+
+    /// (source, provider, score) of every record this pod has read or written.
+    pub fn scores_snapshot(&self) -> Vec<(String, String, f64)> {
+        self.scores
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .map(|((src, prov), (_, rec))| (src.clone(), prov.clone(), rec.score()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// (source, today's cap) of every warming source this pod has used.
+    pub fn warmup_snapshot(&self, schedule: &[u64]) -> Vec<(String, Option<u64>)> {
+        let today = now_ms().div_euclid(86_400_000);
+        self.first_days
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(src, first)| {
+                        let day = (today - first).max(0) as usize;
+                        (src.clone(), schedule.get(day).copied())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The reputation of a source at a provider, read at most every 30 s.

@@ -119,6 +119,8 @@ pub async fn run(
     info!(concurrency, "delivery worker pulling");
     health.set_ready(true);
     let _queue_gauges = telemetry::metrics_enabled().then(|| watch_queue(consumer.clone()));
+    let _source_gauges =
+        telemetry::metrics_enabled().then(|| watch_sources(&config, state.clone()));
 
     // Pull only as many entries as there are free slots: an entry fetched but left waiting
     // in a local buffer would run out its ack wait and be delivered twice.
@@ -283,6 +285,60 @@ fn watch_queue(
             redelivered,
         ),
     ]
+}
+
+/// Reputation score per (source, provider) and today's warm-up cap per warming source, as
+/// this pod last saw them. The instruments must stay alive for their callbacks to run.
+fn watch_sources(
+    config: &Config,
+    state: SharedState,
+) -> Vec<opentelemetry::metrics::ObservableGauge<f64>> {
+    let names: std::collections::HashMap<String, String> = config
+        .delivery
+        .sources
+        .iter()
+        .map(|s| {
+            (
+                crate::shaping::token(&s.address.to_string()),
+                s.name.clone(),
+            )
+        })
+        .collect();
+    let name_of = move |key: &str| names.get(key).cloned().unwrap_or_else(|| key.to_string());
+    let meter = opentelemetry::global::meter("herald.delivery");
+    let score = {
+        let (state, name_of) = (state.clone(), name_of.clone());
+        meter
+            .f64_observable_gauge("herald.delivery.source.reputation")
+            .with_description("Reputation score (0..1) of a source at a mailbox provider")
+            .with_unit("1")
+            .with_callback(move |o| {
+                for (source, provider, score) in state.scores_snapshot() {
+                    o.observe(
+                        score,
+                        &[
+                            KeyValue::new("source", name_of(&source)),
+                            KeyValue::new("provider", provider),
+                        ],
+                    );
+                }
+            })
+            .build()
+    };
+    let schedule = config.delivery.warmup.schedule.clone();
+    let cap = meter
+        .f64_observable_gauge("herald.delivery.source.warmup.cap")
+        .with_description("Today's warm-up cap per provider of a warming source (absent once warm)")
+        .with_unit("{message}")
+        .with_callback(move |o| {
+            for (source, cap) in state.warmup_snapshot(&schedule) {
+                if let Some(cap) = cap {
+                    o.observe(cap as f64, &[KeyValue::new("source", name_of(&source))]);
+                }
+            }
+        })
+        .build();
+    vec![score, cap]
 }
 
 /// What every in-flight entry of a worker shares.
@@ -573,24 +629,52 @@ impl Worker {
             _ => "mixed",
         };
         tracing::Span::current().record("herald.outcome", outcome);
-        let domain = KeyValue::new("domain", entry.domain.clone());
-        self.metrics
-            .attempts
-            .add(1, &[KeyValue::new("outcome", outcome), domain.clone()]);
+        // Everything delivered: acknowledge before anything else, since a worker dying
+        // between the remote 250 and the ack is what makes duplicates.
+        let acked_early = deferred.is_empty() && failed.is_empty();
+        if acked_early && let Err(e) = msg.double_ack().await {
+            warn!(error = %e, "ack not confirmed");
+        }
+        // Sites and sources, not domains: bounded cardinality, and what an operator steers.
+        let site = KeyValue::new(
+            "site",
+            if result.site.is_empty() {
+                entry.domain.clone()
+            } else {
+                result.site.clone()
+            },
+        );
+        let source = KeyValue::new(
+            "source",
+            if result.source_ip.is_empty() {
+                "default".to_string()
+            } else {
+                result.source_ip.clone()
+            },
+        );
+        self.metrics.attempts.add(
+            1,
+            &[
+                KeyValue::new("outcome", outcome),
+                site.clone(),
+                source.clone(),
+            ],
+        );
         for (kind, n) in [
             ("delivered", delivered.len()),
             ("deferred", deferred.len()),
             ("failed", failed.len()),
         ] {
             if n > 0 {
-                self.metrics
-                    .recipients
-                    .add(n as u64, &[KeyValue::new("outcome", kind), domain.clone()]);
+                self.metrics.recipients.add(
+                    n as u64,
+                    &[KeyValue::new("outcome", kind), site.clone(), source.clone()],
+                );
             }
         }
         if !delivered.is_empty() {
             let waited = (now - entry.received_at).max(0) as f64;
-            self.metrics.latency.record(waited, &[domain]);
+            self.metrics.latency.record(waited, &[site]);
             self.event(entry, EventKind::Delivered, &delivered, result, attempt, "")
                 .await;
         }
@@ -602,6 +686,12 @@ impl Worker {
             self.bounce(entry, &failed, result, attempt, body).await;
         }
 
+        if acked_early {
+            if let Err(e) = self.queue.finish_domain(entry).await {
+                warn!(error = %e, "pending record not updated");
+            }
+            return;
+        }
         if deferred.is_empty() {
             self.done(msg, entry).await;
             return;
@@ -622,7 +712,10 @@ impl Worker {
                 .cloned()
                 .collect::<Vec<Recipient>>(),
             attempt,
-            not_before: now + delay.as_secs() as i64,
+            // Rounded up: schedules fire on whole seconds, and a retry must never come
+            // before its backoff has passed.
+            not_before: (crate::shaping::now_ms() + delay.as_millis() as i64 + 999)
+                .div_euclid(1000),
             delay_warned: entry.delay_warned || warn_now,
             ..entry.clone()
         };
@@ -740,6 +833,31 @@ impl Worker {
         if entry.sender.is_empty() {
             return;
         }
+        let tag = if delayed_until.is_some() {
+            "delay"
+        } else {
+            "bounce"
+        };
+        let span = info_span!(
+            "dsn.generate",
+            herald.dsn.kind = tag,
+            herald.recipients = report.len(),
+            messaging.message.id = %entry.id,
+            herald.dsn.id = tracing::field::Empty,
+        );
+        self.build_dsn(entry, report, body, delayed_until, tag)
+            .instrument(span)
+            .await
+    }
+
+    async fn build_dsn(
+        &self,
+        entry: &QueueEntry,
+        report: &[dsn::Failed],
+        body: Option<&[u8]>,
+        delayed_until: Option<i64>,
+        tag: &str,
+    ) {
         let resources = self.deliverer.resources().current();
         let from_domain = resources
             .domain(&entry.sender_domain)
@@ -763,11 +881,6 @@ impl Worker {
             original_headers: body.map(dsn::header_block).unwrap_or_default(),
             delayed_until,
         });
-        let tag = if delayed_until.is_some() {
-            "delay"
-        } else {
-            "bounce"
-        };
         if let Err(e) = self.queue_bounce(entry, message, now, tag).await {
             // The failure is in the events either way; the DSN is best effort.
             error!(error = %e, "DSN not queued");
@@ -818,6 +931,7 @@ impl Worker {
         self.queue
             .publish_entry(&bounce, Some(format!("{}.{tag}.{}", entry.id, now)))
             .await?;
+        tracing::Span::current().record("herald.dsn.id", id.as_str());
         info!(dsn_id = %id, size, to = %entry.sender, kind = tag, "DSN queued");
         Ok(())
     }
