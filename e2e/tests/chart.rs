@@ -207,6 +207,32 @@ fn chart_lints_strict_with_every_value_set() {
 }
 
 #[test]
+fn egress_values_become_delivery_sources_pools_and_shaping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let docs = render(Some("ci/keda-egress-values.yaml"));
+    let path = dir.path().join("herald.yaml");
+    let text = serde_yaml::to_string(&herald_config(&docs)).expect("yaml");
+    std::fs::write(&path, text).expect("write config");
+    // `herald config` prints the configuration as every role loads and validates it
+    // (pools naming unknown sources, bad rules: refused); `run` fails on a non-zero exit.
+    let out = run(Command::new(herald_bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("config"));
+    let printed: Value = serde_yaml::from_slice(&out.stdout).expect("YAML");
+    let d = &printed["delivery"];
+    assert_eq!(d["sources"][1]["address"], Value::from("203.0.113.8"));
+    assert_eq!(d["sources"][1]["warmup"], Value::from(true));
+    assert_eq!(d["pools"]["transactional"][0]["weight"], Value::from(3.0));
+    assert_eq!(d["default_pool"], Value::from("transactional"));
+    assert_eq!(d["warmup"]["schedule"][0], Value::from(50));
+    assert_eq!(
+        d["shaping"]["providers"][0]["mx_suffixes"][1],
+        Value::from("googlemail.com")
+    );
+}
+
+#[test]
 fn notes_tell_how_to_create_a_domain_read_its_records_and_send_a_test_message() {
     let helm = Helm::new();
     for values in VALUE_SETS {

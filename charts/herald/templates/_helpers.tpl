@@ -91,6 +91,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- if $v.delivery.relayHost }}
 {{- $_ := set $delivery "relay_host" $v.delivery.relayHost }}
 {{- end }}
+{{- with $v.delivery.egress.sources }}
+{{- $_ := set $delivery "sources" . }}
+{{- end }}
+{{- with $v.delivery.egress.pools }}
+{{- $_ := set $delivery "pools" . }}
+{{- end }}
+{{- with $v.delivery.egress.defaultPool }}
+{{- $_ := set $delivery "default_pool" . }}
+{{- end }}
+{{- with $v.delivery.egress.warmupSchedule }}
+{{- $_ := set $delivery "warmup" (dict "schedule" .) }}
+{{- end }}
+{{- with $v.delivery.egress.shaping }}
+{{- $_ := set $delivery "shaping" . }}
+{{- end }}
 {{- $config := dict "nats" $nats "resources" (dict "source" "kubernetes" "namespace" (include "herald.watchNamespace" .)) "ingress" $ingress "delivery" $delivery "admin" (dict "addr" (printf "0.0.0.0:%d" (int $v.admin.port))) }}
 {{- $config = mustMergeOverwrite $config (deepCopy $v.config) }}
 {{- toYaml $config }}

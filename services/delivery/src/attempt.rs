@@ -478,7 +478,26 @@ impl Deliverer {
         let shaping = &self.config.delivery.shaping;
         let names: Vec<String> = hops.iter().map(|h| h.name.clone()).collect();
         let site = Site::of(&names, shaping);
-        let members = self.egress.members(self.pool(entry).as_deref());
+        // Only sources that can reach some address of the destination (IPv4 or IPv6).
+        let all_members = self.egress.members(self.pool(entry).as_deref());
+        let members: Vec<_> = all_members
+            .iter()
+            .filter(|(s, _)| {
+                hops.iter()
+                    .flat_map(|h| &h.addrs)
+                    .any(|a| s.reaches(&a.ip()))
+            })
+            .cloned()
+            .collect();
+        if members.is_empty() {
+            return Delivery::Done(Attempt::all(
+                entry,
+                Outcome::Deferred(format!(
+                    "no source of the egress pool shares an address family with {}",
+                    site.label
+                )),
+            ));
+        }
         let sources = match egress::usable(
             &self.state,
             members,
@@ -663,7 +682,7 @@ impl Deliverer {
         let mut last_error = String::from("no host tried");
         let mut refusals = Vec::new();
         for hop in hops {
-            for &addr in &hop.addrs {
+            for &addr in hop.addrs.iter().filter(|a| source.reaches(&a.ip())) {
                 let span = info_span!(
                     "smtp.client.connect",
                     server.address = %hop.name,

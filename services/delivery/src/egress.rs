@@ -30,6 +30,12 @@ impl Source {
     pub fn ip_label(&self) -> String {
         self.addr.map(|a| a.to_string()).unwrap_or_default()
     }
+
+    /// An IPv4 source cannot talk to an IPv6 host and the other way round; the implicit
+    /// source lets the OS decide.
+    pub fn reaches(&self, remote: &IpAddr) -> bool {
+        self.addr.is_none_or(|a| a.is_ipv4() == remote.is_ipv4())
+    }
 }
 
 /// Why no source may take a message now.
@@ -251,6 +257,23 @@ mod tests {
             ]);
             assert_eq!(o[0].name, "c");
         }
+    }
+
+    #[test]
+    fn sources_reach_hosts_of_their_own_family() {
+        let v4 = Source {
+            addr: Some("192.0.2.1".parse().expect("ip")),
+            ..(*source("a")).clone()
+        };
+        let v6 = Source {
+            addr: Some("2001:db8::1".parse().expect("ip")),
+            ..(*source("b")).clone()
+        };
+        let mx4: IpAddr = "198.51.100.7".parse().expect("ip");
+        let mx6: IpAddr = "2001:db8::25".parse().expect("ip");
+        assert!(v4.reaches(&mx4) && !v4.reaches(&mx6));
+        assert!(v6.reaches(&mx6) && !v6.reaches(&mx4));
+        assert!(source("os").reaches(&mx4) && source("os").reaches(&mx6));
     }
 
     #[test]

@@ -50,6 +50,9 @@ enum Command {
     HashPassword,
     /// Print the queue's state as JSON.
     Status,
+    /// Check the configuration (file plus HERALD_... overrides) and print it in full, as
+    /// every role would run with it.
+    Config,
 }
 
 /// Turns SIGTERM / Ctrl-C into the shutdown signal every role drains on.
@@ -191,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
             dev::run(args, config, shutdown, health).await?;
         }
         Command::Crds => print!("{}", herald_operator::crds_yaml()?),
+        Command::Config => print!("{}", serde_yaml::to_string(&load()?)?),
         Command::Operator(args) => {
             let _telemetry = telemetry::init("herald-operator", false);
             herald_operator::cli::operator(args, shutdown_signal()).await?;
