@@ -244,6 +244,8 @@ pub async fn domain(cmd: DomainCommand) -> Result<bool, Error> {
                 // ownership against.
                 ownership_token: None,
                 now: controller::now_rfc3339(),
+                // Files mode pairs Secrets by name; no label is needed there.
+                secret_labelled: true,
             },
         )
         .await;

@@ -82,6 +82,8 @@ struct Keys {
     ours: bool,
     /// When the Secret was created (`None` when the API server did not say).
     created: Option<Timestamp>,
+    /// It carries the label the data plane selects Secrets by.
+    labelled: bool,
 }
 
 /// Makes sure the DKIM Secret exists with every key the spec asks for: creates it when
@@ -139,6 +141,7 @@ async fn ensure_keys(
                 generated,
                 ours: true,
                 created: Some(now),
+                labelled: true,
             })
         }
         Some(secret) => {
@@ -149,12 +152,14 @@ async fn ensure_keys(
                 .get(DKIM_SECRET_LABEL)
                 .is_some_and(|v| v == &name);
             let created = secret.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            let labelled = secret.labels().contains_key(DKIM_SECRET_LABEL);
             if missing.is_empty() || !ours {
                 return Ok(Keys {
                     data,
                     generated: Vec::new(),
                     ours,
                     created,
+                    labelled,
                 });
             }
             let mut added = BTreeMap::new();
@@ -178,6 +183,7 @@ async fn ensure_keys(
                 generated,
                 ours,
                 created,
+                labelled: true,
             })
         }
     }
@@ -262,7 +268,7 @@ pub async fn reconcile_domain(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<
         }
     }
 
-    let mut status = observe(&ctx, &md, &keys.data, &secret_name, &now_text).await;
+    let mut status = observe(&ctx, &md, &keys, &secret_name, &now_text).await;
     // Rotation, promote: only once DNS shows every next record.
     if keys.ours
         && let Some(c) = rotation::promote(&md, &keys.data, &status.selectors, &status.records, now)
@@ -270,7 +276,7 @@ pub async fn reconcile_domain(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<
         write_change(&secrets, &secret_name, &c).await?;
         c.apply(&mut keys.data);
         events.push(c.event);
-        status = observe(&ctx, &md, &keys.data, &secret_name, &now_text).await;
+        status = observe(&ctx, &md, &keys, &secret_name, &now_text).await;
     }
     record_state_metrics(&md, &status.records);
     let ready = domain::is_ready(&status);
@@ -318,7 +324,7 @@ pub async fn reconcile_domain(md: Arc<MailDomain>, ctx: Arc<Context>) -> Result<
 async fn observe(
     ctx: &Context,
     md: &MailDomain,
-    data: &BTreeMap<String, String>,
+    keys: &Keys,
     secret_name: &str,
     now: &str,
 ) -> herald_core::resources::MailDomainStatus {
@@ -327,10 +333,11 @@ async fn observe(
         &ctx.policy,
         Observation {
             md,
-            secret: Some(data),
+            secret: Some(&keys.data),
             secret_name,
             ownership_token: md.uid().map(|uid| records::ownership_token(&uid)),
             now: now.to_string(),
+            secret_labelled: keys.labelled,
         },
     )
     .await

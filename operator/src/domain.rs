@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use herald_core::resources::{
-    Condition, DkimAlgorithm, KeyRole, MailDomain, MailDomainStatus, RecordPurpose, RecordState,
-    SelectorStatus, Verification,
+    Condition, DKIM_SECRET_LABEL, DkimAlgorithm, KeyRole, MailDomain, MailDomainStatus,
+    RecordPurpose, RecordState, SelectorStatus, Verification,
 };
 
 use crate::{
@@ -86,6 +86,9 @@ pub struct Observation<'a> {
     pub ownership_token: Option<String>,
     /// RFC 3339 time of this check.
     pub now: String,
+    /// The Secret carries the `herald.dev/maildomain` label. Ingress and delivery read only
+    /// labelled Secrets, so an unlabelled one (made by a user) signs nothing.
+    pub secret_labelled: bool,
 }
 
 /// Checks DNS and builds the status to write. Conditions keep their previous
@@ -117,6 +120,18 @@ pub async fn observe(
     };
 
     let key_cond = match &keys {
+        Ok(_) if !obs.secret_labelled => cond(
+            DKIM_KEY_READY,
+            false,
+            "SecretNotLabelled",
+            format!(
+                "Secret {0} has the keys but not the label {DKIM_SECRET_LABEL}, so ingress \
+                 and delivery cannot read it: kubectl label secret {0} {DKIM_SECRET_LABEL}={1} \
+                 (the operator then also manages its keys: missing ones added, rotation)",
+                obs.secret_name,
+                md.metadata.name.as_deref().unwrap_or_default()
+            ),
+        ),
         Ok(k) => cond(
             DKIM_KEY_READY,
             true,
@@ -174,7 +189,7 @@ pub async fn observe(
         )
     };
     let ready_cond = match (md.spec.verification, &key_cond, &dns_cond) {
-        (_, k, _) if k.status != "True" => cond(READY, false, "KeyMissing", k.message.clone()),
+        (_, k, _) if k.status != "True" => cond(READY, false, &k.reason, k.message.clone()),
         (Verification::Skip, _, _) => cond(
             READY,
             true,

@@ -599,6 +599,7 @@ mod tests {
                 secret_name: "example-test-dkim",
                 ownership_token: Some(records::ownership_token(UID)),
                 now: NOW.into(),
+                secret_labelled: true,
             },
         )
         .await;
@@ -654,6 +655,36 @@ mod tests {
             "DKIM Secret example-test-dkim has no ed25519-sha256.pem key"
         );
         assert_eq!(condition(&status.conditions, "Ready").status, "False");
+    }
+
+    #[tokio::test]
+    async fn unlabelled_user_secret_is_reported_with_the_command_that_fixes_it() {
+        let md = maildomain(DkimAlgorithm::RsaSha256, Verification::Skip);
+        let mut secret = dkim_secret(&md);
+        secret.metadata.labels = None;
+        let (ctx, server) = context(StaticDns::default());
+        let mock = server.run(Scenario::SecretReused(md.clone(), secret));
+        reconcile_domain(Arc::new(md), ctx)
+            .await
+            .expect("reconcile");
+        let status = status_of(&finish(mock).await.status_patch);
+        let keys = condition(&status.conditions, "DkimKeyReady");
+        assert_eq!(
+            (keys.status.as_str(), keys.reason.as_str()),
+            ("False", "SecretNotLabelled")
+        );
+        assert!(
+            keys.message.contains(
+                "kubectl label secret example-test-dkim herald.dev/maildomain=example-test"
+            ),
+            "{}",
+            keys.message
+        );
+        let ready = condition(&status.conditions, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "SecretNotLabelled")
+        );
     }
 
     #[tokio::test]
