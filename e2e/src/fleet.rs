@@ -3,7 +3,7 @@
 //! `herald delivery` processes sharing one queue and one config file.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -20,6 +20,11 @@ pub const FLEET_PASSWORD: &str = "s3cret";
 pub struct FleetOptions<'a> {
     /// Destination domains, each with its own recording MX.
     pub domains: &'a [&'a str],
+    /// (alias, domain): the alias's MX is the same recording MX as the domain's (e.g. the
+    /// sender's own domain, so that DSNs to the sender land there too).
+    pub shared_mx: &'a [(&'a str, &'a str)],
+    /// (domain, address): an MX the scenario runs itself (Postfix, smtp-sink), port 25.
+    pub other_mx: &'a [(&'a str, Ipv4Addr)],
     /// Names of the delivery processes.
     pub deliveries: &'a [&'a str],
     /// YAML mapping merged into the `delivery:` section.
@@ -33,6 +38,8 @@ impl Default for FleetOptions<'_> {
     fn default() -> Self {
         FleetOptions {
             domains: &["dest.test"],
+            shared_mx: &[],
+            other_mx: &[],
             deliveries: &["delivery-a", "delivery-b", "delivery-c"],
             delivery_yaml: "{}",
             ack_wait: Duration::from_secs(10),
@@ -46,8 +53,8 @@ impl Default for FleetOptions<'_> {
 pub struct Fleet {
     pub deliveries: Vec<Herald>,
     pub ingress: Herald,
-    /// (domain, its MX), in the order of [`FleetOptions::domains`].
-    pub mxs: Vec<(String, RecordingMx)>,
+    /// (domain, its MX's address, its MX), in the order of [`FleetOptions::domains`].
+    pub mxs: Vec<(String, Ipv4Addr, RecordingMx)>,
     pub dns: Dns,
     pub nats: Nats,
     /// The plaintext submission listener (AUTH allowed in clear).
@@ -59,7 +66,12 @@ impl Fleet {
     /// `example.test` signs (DKIM) and sends; every destination domain's MX is a recording
     /// MX on its own loopback address, port 25.
     pub fn start(name: &str, opts: FleetOptions<'_>) -> Fleet {
-        let scenario = Scenario::new(name);
+        Fleet::start_in(Scenario::new(name), opts)
+    }
+
+    /// Like [`Fleet::start`], in a scenario where the test already started peers of its own
+    /// (named in [`FleetOptions::other_mx`]).
+    pub fn start_in(scenario: Scenario, opts: FleetOptions<'_>) -> Fleet {
         let nats = Nats::start(&scenario);
         let key = DkimKey::rsa(2048);
         let mut records = DnsRecords::new().txt("herald._domainkey.example.test", &key.dns_txt);
@@ -70,7 +82,14 @@ impl Fleet {
             records = records.mx(domain, &host, 10).a(&host, ip);
             let label = domain.split('.').next().unwrap_or(domain);
             let mx = RecordingMx::start(&scenario, label, &[SocketAddr::from((ip, 25))]);
-            mxs.push((domain.to_string(), mx));
+            mxs.push((domain.to_string(), ip, mx));
+        }
+        for (alias, domain) in opts.shared_mx {
+            records = records.mx(alias, &format!("mx.{domain}"), 10);
+        }
+        for (domain, ip) in opts.other_mx {
+            let host = format!("mx.{domain}");
+            records = records.mx(domain, &host, 10).a(&host, *ip);
         }
         let dns = Dns::start(&scenario, &records);
         let resources = scenario.subdir("resources");
@@ -129,10 +148,18 @@ impl Fleet {
 
     /// The recording MX of `domain`.
     pub fn mx(&self, domain: &str) -> &RecordingMx {
+        &self.mx_entry(domain).2
+    }
+
+    /// The address of the recording MX of `domain`.
+    pub fn mx_ip(&self, domain: &str) -> Ipv4Addr {
+        self.mx_entry(domain).1
+    }
+
+    fn mx_entry(&self, domain: &str) -> &(String, Ipv4Addr, RecordingMx) {
         self.mxs
             .iter()
-            .find(|(d, _)| d == domain)
-            .map(|(_, mx)| mx)
+            .find(|(d, _, _)| d == domain)
             .unwrap_or_else(|| panic!("no MX for {domain} in this fleet"))
     }
 
@@ -141,7 +168,7 @@ impl Fleet {
         for d in &self.deliveries {
             out += &format!("\n--- {}:\n{}", d.name(), d.log_tail());
         }
-        for (domain, mx) in &self.mxs {
+        for (domain, _, mx) in &self.mxs {
             out += &format!("\n--- MX of {domain}:\n{}", mx.log_tail());
         }
         out + &format!("\n--- scenario {}", self.scenario.dir().display())
@@ -150,6 +177,31 @@ impl Fleet {
     /// See [`submit`].
     pub fn submit(&self, rcpt: &str, ids: &[String]) -> Vec<Result<f64, String>> {
         submit(self.submission, rcpt, ids)
+    }
+
+    /// One transaction: `mail_from` is the whole MAIL command (parameters included),
+    /// `data` the DATA content, dot-stuffed and ending in CRLF.CRLF. Every step must
+    /// succeed; returns the queue id.
+    pub fn submit_one(&self, mail_from: &str, rcpts: &[&str], data: &[u8]) -> String {
+        let (mut c, greeting) = RawSmtp::connect(self.submission);
+        assert!(greeting.starts_with("220"), "greeting: {greeting}");
+        let auth = c.login(FLEET_ACCOUNT, FLEET_PASSWORD);
+        assert!(auth.starts_with("235"), "AUTH: {auth}");
+        let commands = std::iter::once((mail_from.to_string(), "250"))
+            .chain(rcpts.iter().map(|r| (format!("RCPT TO:<{r}>"), "250")))
+            .chain(std::iter::once(("DATA".to_string(), "354")));
+        for (cmd, want) in commands {
+            let reply = c.cmd(&cmd);
+            assert!(reply.starts_with(want), "{cmd}: {reply}\n{}", self.logs());
+        }
+        c.send(data);
+        let end = c.reply();
+        c.cmd("QUIT");
+        end.split("queued as ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("not queued: {end}\n{}", self.logs()))
     }
 
     /// Like [`Fleet::submit`], but every message must be queued.

@@ -17,15 +17,11 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use herald_e2e::{
-    DeliveryConfig, DkimAlgorithm, DkimKey, Dns, DnsRecords, EventKind, Herald, HeraldConfig,
-    IngressConfig, Listener, Nats, RawSmtp, RecordingMx, Resources, Role, Scenario, TlsMode,
-    dkim_signatures, dkim_verify, events, find_tool, header_values, require_netns, venv_dir,
-    wait_until,
+    EventKind, Fleet, FleetOptions, Scenario, dkim_signatures, dkim_verify, events, find_tool,
+    header_values, require_netns, venv_dir, wait_until,
 };
 use serde_json::Value;
 
-const ACCOUNT: &str = "app";
-const PASSWORD: &str = "s3cret";
 const SENDER: &str = "sender@example.test";
 /// Its MX is smtp-sink without 8BITMIME.
 const OLD: &str = "user@old.test";
@@ -324,122 +320,50 @@ fn smtp_data(message: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Field order is drop order: Herald first, the peers next, the scenario dir last.
+/// Field order is drop order: smtp-sink first, then the fleet (Herald, peers, scenario dir).
 struct Setup {
-    delivery: Herald,
-    ingress: Herald,
     sink: SmtpSink,
-    mx: RecordingMx,
-    dns: Dns,
-    nats: Nats,
-    submission: SocketAddr,
-    scenario: Scenario,
+    fleet: Fleet,
 }
 
 impl Setup {
+    /// smtp-sink without 8BITMIME is the MX of `old.test`; a recording MX (with 8BITMIME)
+    /// is the MX of `new.test`.
     fn start(name: &str) -> Setup {
         let scenario = Scenario::new(name);
-        let nats = Nats::start(&scenario);
         let sink = SmtpSink::start(&scenario, scenario.ip());
-        let mx_ip = scenario.ip();
-        let mx = RecordingMx::start(&scenario, "new", &[SocketAddr::from((mx_ip, 25))]);
-        let key = DkimKey::rsa(2048);
         let sink_ip = match sink.addr {
             SocketAddr::V4(a) => *a.ip(),
             SocketAddr::V6(_) => unreachable!("unique_ip is IPv4"),
         };
-        let dns = Dns::start(
-            &scenario,
-            &DnsRecords::new()
-                .mx("old.test", "mx.old.test", 10)
-                .a("mx.old.test", sink_ip)
-                .mx("new.test", "mx.new.test", 10)
-                .a("mx.new.test", mx_ip)
-                .txt("herald._domainkey.example.test", &key.dns_txt),
-        );
-        let resources = scenario.subdir("resources");
-        Resources::new()
-            .signing_domain(
-                "example-test",
-                "example.test",
-                "herald",
-                DkimAlgorithm::RsaSha256,
-                Some(&key),
-                None,
-            )
-            .account_with_password(ACCOUNT, PASSWORD, &["example-test"])
-            .write(&resources);
-        let submission = SocketAddr::from((scenario.ip(), scenario.port()));
-        let mut config = HeraldConfig::new(&nats.url(), &resources);
-        config.ingress = Some(IngressConfig {
-            hostname: "ingress.herald.test".into(),
-            tls: None,
-            listeners: vec![Listener {
-                name: "plain".into(),
-                addr: submission,
-                tls: TlsMode::None,
-                allow_plaintext_auth: true,
-            }],
-        });
-        config.delivery = Some(DeliveryConfig {
-            hostname: "mta.herald.test".into(),
-            nameservers: vec![dns.addr()],
-            smtp_port: 25,
-            retry_initial: Duration::from_secs(2),
-            retry_max: Duration::from_secs(4),
-            ack_wait: Duration::from_secs(5),
-            extra: None,
-        });
-        let config = config.write(&scenario.dir().join("herald.yaml"));
-        let ingress = Herald::start(
-            &scenario,
-            "ingress",
-            Role::Ingress,
-            &config,
-            Some(submission),
-        );
-        let delivery = Herald::start(&scenario, "delivery", Role::Delivery, &config, None);
-        Setup {
-            delivery,
-            ingress,
-            sink,
-            mx,
-            dns,
-            nats,
-            submission,
+        let fleet = Fleet::start_in(
             scenario,
-        }
+            FleetOptions {
+                domains: &["new.test"],
+                other_mx: &[("old.test", sink_ip)],
+                deliveries: &["delivery"],
+                ack_wait: Duration::from_secs(5),
+                retry_initial: Duration::from_secs(2),
+                retry_max: Duration::from_secs(4),
+                ..Default::default()
+            },
+        );
+        Setup { sink, fleet }
     }
 
     /// Submits `message` with `BODY=8BITMIME` to both recipients; returns its queue id.
     fn submit(&self, message: &[u8]) -> String {
-        let (mut c, greeting) = RawSmtp::connect(self.submission);
-        assert!(greeting.starts_with("220"), "greeting: {greeting}");
-        let auth = c.login(ACCOUNT, PASSWORD);
-        assert!(auth.starts_with("235"), "AUTH: {auth}");
-        for (cmd, want) in [
-            (format!("MAIL FROM:<{SENDER}> BODY=8BITMIME"), "250"),
-            (format!("RCPT TO:<{OLD}>"), "250"),
-            (format!("RCPT TO:<{NEW}>"), "250"),
-            ("DATA".to_string(), "354"),
-        ] {
-            let reply = c.cmd(&cmd);
-            assert!(reply.starts_with(want), "{cmd}: {reply}\n{}", self.logs());
-        }
-        c.send(&smtp_data(message));
-        let end = c.reply();
-        c.cmd("QUIT");
-        end.split("queued as ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("not queued: {end}\n{}", self.logs()))
+        self.fleet.submit_one(
+            &format!("MAIL FROM:<{SENDER}> BODY=8BITMIME"),
+            &[OLD, NEW],
+            &smtp_data(message),
+        )
     }
 
     /// Waits until every queue id has a `delivered` event for both domains.
     fn wait_delivered(&self, qids: &[&str]) {
         let done = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
-            let ev = events(&self.nats.url());
+            let ev = events(&self.fleet.nats.url());
             qids.iter()
                 .all(|q| {
                     ["old.test", "new.test"].iter().all(|d| {
@@ -451,7 +375,7 @@ impl Setup {
                 .then_some(())
         });
         if done.is_none() {
-            let ev: Vec<String> = events(&self.nats.url())
+            let ev: Vec<String> = events(&self.fleet.nats.url())
                 .iter()
                 .map(|e| {
                     format!(
@@ -474,13 +398,9 @@ impl Setup {
 
     fn logs(&self) -> String {
         format!(
-            "--- ingress:\n{}\n--- delivery:\n{}\n--- smtp-sink:\n{}\n--- recording MX:\n{}\n\
-             --- scenario {}",
-            self.ingress.log_tail(),
-            self.delivery.log_tail(),
-            std::fs::read_to_string(&self.sink.log).unwrap_or_default(),
-            self.mx.log_tail(),
-            self.scenario.dir().display()
+            "{}\n--- smtp-sink:\n{}",
+            self.fleet.logs(),
+            std::fs::read_to_string(&self.sink.log).unwrap_or_default()
         )
     }
 }
@@ -505,8 +425,8 @@ fn eight_bit_mail_is_converted_for_an_mx_without_8bitmime_and_left_alone_otherwi
     let multi_id = format!("<eightbit-multipart-{pid}@example.test>");
     let text = text_message(&text_id);
     let multi = multipart_message(&multi_id);
-    save(s.scenario.dir(), "submitted-text.eml", &text);
-    save(s.scenario.dir(), "submitted-multipart.eml", &multi);
+    save(s.fleet.scenario.dir(), "submitted-text.eml", &text);
+    save(s.fleet.scenario.dir(), "submitted-multipart.eml", &multi);
     let text_qid = s.submit(&text);
     let multi_qid = s.submit(&multi);
     s.wait_delivered(&[&text_qid, &multi_qid]);
@@ -552,7 +472,7 @@ fn eight_bit_mail_is_converted_for_an_mx_without_8bitmime_and_left_alone_otherwi
             "{}: no DKIM-Signature for example.test: {sigs:?}",
             path.display()
         );
-        let (ok, report) = dkim_verify(&dump.message, &s.dns);
+        let (ok, report) = dkim_verify(&dump.message, &s.fleet.dns);
         assert!(
             ok,
             "{}: DKIM does not verify over the converted message:\n{report}\n{}",
@@ -570,7 +490,11 @@ fn eight_bit_mail_is_converted_for_an_mx_without_8bitmime_and_left_alone_otherwi
 
     // The single-part text: quoted-printable, and it decodes back to the text.
     let converted = find(&text_id);
-    save(s.scenario.dir(), "converted-text.eml", &converted.message);
+    save(
+        s.fleet.scenario.dir(),
+        "converted-text.eml",
+        &converted.message,
+    );
     let parts = mime_parts(&converted.message);
     assert_eq!(parts.len(), 1, "{parts:?}");
     let p = &parts[0];
@@ -592,7 +516,7 @@ fn eight_bit_mail_is_converted_for_an_mx_without_8bitmime_and_left_alone_otherwi
     // The multipart: relabelled 7bit, text part QP, attachment base64, both decode back.
     let converted = find(&multi_id);
     save(
-        s.scenario.dir(),
+        s.fleet.scenario.dir(),
         "converted-multipart.eml",
         &converted.message,
     );
@@ -630,7 +554,7 @@ fn eight_bit_mail_is_converted_for_an_mx_without_8bitmime_and_left_alone_otherwi
     );
 
     // --- new.test: the recording MX announces 8BITMIME; nothing is converted.
-    let mx_events = s.mx.events();
+    let mx_events = s.fleet.mx("new.test").events();
     let mails: Vec<_> = mx_events.iter().filter(|e| e.ev == "mail").collect();
     assert_eq!(mails.len(), 2, "{mx_events:?}");
     for m in &mails {
@@ -642,7 +566,7 @@ fn eight_bit_mail_is_converted_for_an_mx_without_8bitmime_and_left_alone_otherwi
             m.args
         );
     }
-    let stored = s.mx.messages();
+    let stored = s.fleet.mx("new.test").messages();
     assert_eq!(stored.len(), 2, "{}", s.logs());
     for (id, sent) in [(&text_id, &text), (&multi_id, &multi)] {
         let got = stored
@@ -667,7 +591,7 @@ fn eight_bit_mail_is_converted_for_an_mx_without_8bitmime_and_left_alone_otherwi
             .splitn(2, |&b| b == b'\n')
             .nth(1)
             .expect("the MX's first line ends");
-        let (ok, report) = dkim_verify(message, &s.dns);
+        let (ok, report) = dkim_verify(message, &s.fleet.dns);
         assert!(ok, "{id}: DKIM at the 8BITMIME MX:\n{report}");
     }
 }

@@ -4,19 +4,15 @@
 //! ... and spaced by the configured backoff, one `delayed` event with its DSN at the sender,
 //! then one `delivered` event for the next attempt — and the message arrives once.
 
-use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
 use herald_e2e::{
-    DeliveryConfig, DkimAlgorithm, DkimKey, Dns, DnsRecords, Event, EventKind, Herald,
-    HeraldConfig, IngressConfig, Listener, MxEvent, Nats, RawSmtp, RecordingMx, Resources, Role,
-    Scenario, TlsMode, dkim_verify, events, header_values, require_netns, wait_until,
+    Event, EventKind, Fleet, FleetOptions, MxEvent, dkim_verify, events, header_values,
+    require_netns, wait_until,
 };
 use serde_json::json;
 
-const ACCOUNT: &str = "app";
-const PASSWORD: &str = "s3cret";
 const SENDER: &str = "sender@example.test";
 const RCPT: &str = "slow@dest.test";
 const BUSY: &str = "450 4.2.1 Mailbox busy, try later";
@@ -28,140 +24,54 @@ const DSN_SUBJECT: &str = "Delayed Mail (still being retried)";
 /// The backoff's jitter is ±10 %.
 const JITTER: f64 = 0.1;
 
-/// Field order is drop order: Herald first, the peers next, the scenario dir last.
 struct Setup {
-    delivery: Herald,
-    ingress: Herald,
-    mx: RecordingMx,
-    dns: Dns,
-    nats: Nats,
-    mx_ip: std::net::Ipv4Addr,
-    submission: SocketAddr,
-    scenario: Scenario,
+    fleet: Fleet,
 }
 
 impl Setup {
     /// `example.test` signs and sends; the recording MX is the MX of `dest.test` and of
-    /// `example.test` (where the delay DSN to the sender goes) on one listener.
+    /// `example.test` (where the delay DSN to the sender goes).
     fn start(name: &str) -> Setup {
-        let scenario = Scenario::new(name);
-        let nats = Nats::start(&scenario);
-        let mx_ip = scenario.ip();
-        let mx = RecordingMx::start(&scenario, "mx", &[SocketAddr::from((mx_ip, 25))]);
-        mx.set_control(json!({"rcpt": {RCPT: BUSY}}));
-        let key = DkimKey::rsa(2048);
-        let dns = Dns::start(
-            &scenario,
-            &DnsRecords::new()
-                .mx("dest.test", "mx.dest.test", 10)
-                .a("mx.dest.test", mx_ip)
-                .mx("example.test", "mx.example.test", 10)
-                .a("mx.example.test", mx_ip)
-                .txt("herald._domainkey.example.test", &key.dns_txt),
+        let delivery_yaml = format!("{{delay_warning: {DELAY_WARNING}}}");
+        let fleet = Fleet::start(
+            name,
+            FleetOptions {
+                domains: &["dest.test"],
+                shared_mx: &[("example.test", "dest.test")],
+                deliveries: &["delivery"],
+                delivery_yaml: &delivery_yaml,
+                ack_wait: Duration::from_secs(5),
+                retry_initial: RETRY_INITIAL,
+                retry_max: RETRY_MAX,
+                ..Default::default()
+            },
         );
-        let resources = scenario.subdir("resources");
-        Resources::new()
-            .signing_domain(
-                "example-test",
-                "example.test",
-                "herald",
-                DkimAlgorithm::RsaSha256,
-                Some(&key),
-                None,
-            )
-            .account_with_password(ACCOUNT, PASSWORD, &["example-test"])
-            .write(&resources);
-        let submission = SocketAddr::from((scenario.ip(), scenario.port()));
-        let mut config = HeraldConfig::new(&nats.url(), &resources);
-        config.ingress = Some(IngressConfig {
-            hostname: "ingress.herald.test".into(),
-            tls: None,
-            listeners: vec![Listener {
-                name: "plain".into(),
-                addr: submission,
-                tls: TlsMode::None,
-                allow_plaintext_auth: true,
-            }],
-        });
-        config.delivery = Some(DeliveryConfig {
-            hostname: "mta.herald.test".into(),
-            nameservers: vec![dns.addr()],
-            smtp_port: 25,
-            retry_initial: RETRY_INITIAL,
-            retry_max: RETRY_MAX,
-            ack_wait: Duration::from_secs(5),
-            extra: Some(
-                serde_yaml::from_str(&format!("{{delay_warning: {DELAY_WARNING}}}"))
-                    .expect("YAML mapping"),
-            ),
-        });
-        let config = config.write(&scenario.dir().join("herald.yaml"));
-        let ingress = Herald::start(
-            &scenario,
-            "ingress",
-            Role::Ingress,
-            &config,
-            Some(submission),
-        );
-        let delivery = Herald::start(&scenario, "delivery", Role::Delivery, &config, None);
-        Setup {
-            delivery,
-            ingress,
-            mx,
-            dns,
-            nats,
-            mx_ip,
-            submission,
-            scenario,
-        }
+        fleet
+            .mx("dest.test")
+            .set_control(json!({"rcpt": {RCPT: BUSY}}));
+        Setup { fleet }
     }
 
     /// Submits one message and returns its queue id.
     fn submit(&self, message_id: &str) -> String {
-        let (mut c, greeting) = RawSmtp::connect(self.submission);
-        assert!(greeting.starts_with("220"), "greeting: {greeting}");
-        let auth = c.login(ACCOUNT, PASSWORD);
-        assert!(auth.starts_with("235"), "AUTH: {auth}");
-        for (cmd, want) in [
-            (format!("MAIL FROM:<{SENDER}>"), "250"),
-            (format!("RCPT TO:<{RCPT}>"), "250"),
-            ("DATA".to_string(), "354"),
-        ] {
-            let reply = c.cmd(&cmd);
-            assert!(reply.starts_with(want), "{cmd}: {reply}\n{}", self.logs());
-        }
-        c.send(
-            format!(
-                "From: {SENDER}\r\nTo: {RCPT}\r\nSubject: retry-events\r\n\
-                 Message-ID: {message_id}\r\n\r\nretried until the mailbox is free\r\n.\r\n"
-            )
-            .as_bytes(),
+        let data = format!(
+            "From: {SENDER}\r\nTo: {RCPT}\r\nSubject: retry-events\r\n\
+             Message-ID: {message_id}\r\n\r\nretried until the mailbox is free\r\n.\r\n"
         );
-        let end = c.reply();
-        c.cmd("QUIT");
-        end.split("queued as ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("not queued: {end}\n{}", self.logs()))
+        self.fleet
+            .submit_one(&format!("MAIL FROM:<{SENDER}>"), &[RCPT], data.as_bytes())
     }
 
     /// The events of queue id `qid`, in stream order.
     fn events_of(&self, qid: &str) -> Vec<Event> {
-        events(&self.nats.url())
+        events(&self.fleet.nats.url())
             .into_iter()
             .filter(|e| e.queue_id == qid)
             .collect()
     }
 
     fn logs(&self) -> String {
-        format!(
-            "--- ingress:\n{}\n--- delivery:\n{}\n--- recording MX:\n{}\n--- scenario {}",
-            self.ingress.log_tail(),
-            self.delivery.log_tail(),
-            self.mx.log_tail(),
-            self.scenario.dir().display()
-        )
+        self.fleet.logs()
     }
 }
 
@@ -227,7 +137,7 @@ fn deferrals_follow_the_backoff_and_show_in_the_events() {
         timeline(&s.events_of(&qid), &[]),
         s.logs()
     );
-    s.mx.set_control(json!({}));
+    s.fleet.mx("dest.test").set_control(json!({}));
 
     let delivered = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
         let ev = s.events_of(&qid);
@@ -243,7 +153,7 @@ fn deferrals_follow_the_backoff_and_show_in_the_events() {
     thread::sleep(Duration::from_secs(3));
 
     let events = s.events_of(&qid);
-    let mx_events = s.mx.events();
+    let mx_events = s.fleet.mx("dest.test").events();
     let rcpts: Vec<&MxEvent> = mx_events
         .iter()
         .filter(|e| e.ev == "rcpt" && e.to.as_deref() == Some(RCPT))
@@ -258,7 +168,7 @@ fn deferrals_follow_the_backoff_and_show_in_the_events() {
     let attempts: Vec<u32> = deferred.iter().map(|e| e.attempt).collect();
     let expected: Vec<u32> = (1..=deferred.len() as u32).collect();
     assert_eq!(attempts, expected, "deferred attempts\n{ctx}");
-    let mx_name = format!("mx.dest.test [{}]", s.mx_ip);
+    let mx_name = format!("mx.dest.test [{}]", s.fleet.mx_ip("dest.test"));
     for e in &deferred {
         assert_eq!(e.reply_code, 450, "{e:?}\n{ctx}");
         assert_eq!(e.enhanced_code, "4.2.1", "{e:?}\n{ctx}");
@@ -347,11 +257,13 @@ fn deferrals_follow_the_backoff_and_show_in_the_events() {
         "a DSN comes from the null sender: {:?}\n{ctx}",
         dsn_data[0].from
     );
-    let dsns: Vec<Vec<u8>> =
-        s.mx.messages()
-            .into_iter()
-            .filter(|m| String::from_utf8_lossy(m).contains(DSN_SUBJECT))
-            .collect();
+    let dsns: Vec<Vec<u8>> = s
+        .fleet
+        .mx("dest.test")
+        .messages()
+        .into_iter()
+        .filter(|m| String::from_utf8_lossy(m).contains(DSN_SUBJECT))
+        .collect();
     assert_eq!(dsns.len(), 1, "{ctx}");
     let dsn = &dsns[0];
     let text = String::from_utf8_lossy(dsn).to_string();
@@ -385,11 +297,11 @@ fn deferrals_follow_the_backoff_and_show_in_the_events() {
         .splitn(2, |&b| b == b'\n')
         .nth(1)
         .expect("the MX's first line ends");
-    let (ok, report) = dkim_verify(stored, &s.dns);
+    let (ok, report) = dkim_verify(stored, &s.fleet.dns);
     assert!(ok, "the DSN is DKIM-signed for example.test:\n{report}");
 
     // The message itself, exactly once.
-    let counts = s.mx.message_id_counts();
+    let counts = s.fleet.mx("dest.test").message_id_counts();
     assert_eq!(counts.get(&message_id), Some(&1), "{counts:?}\n{ctx}");
 
     assert!(

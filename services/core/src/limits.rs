@@ -20,6 +20,20 @@ pub fn ip_key(ip: IpAddr) -> String {
     ip.to_string().replace([':', '.'], "_")
 }
 
+/// A state bucket as Herald keeps them: latest value only, file storage, entries gone
+/// `max_age` after their last write.
+pub fn bucket(name: &str, description: &str, max_age: Duration, replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: name.to_string(),
+        description: description.to_string(),
+        history: 1,
+        max_age,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
 /// Handles on the limit buckets.
 #[derive(Clone)]
 pub struct Limits {
@@ -42,15 +56,7 @@ impl Limits {
         replicas: usize,
         auth_failure_window: Duration,
     ) -> Result<Limits, Error> {
-        let bucket = |name: &str, description: &str, max_age| kv::Config {
-            bucket: name.to_string(),
-            description: description.to_string(),
-            history: 1,
-            max_age,
-            storage: StorageType::File,
-            num_replicas: replicas.max(1),
-            ..Default::default()
-        };
+        let bucket = |name, description, max_age| bucket(name, description, max_age, replicas);
         let auth_failures = js
             .create_or_update_key_value(bucket(
                 AUTH_FAILURES_BUCKET,

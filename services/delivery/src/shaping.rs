@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream::{self, kv, stream::StorageType};
+use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -184,14 +184,8 @@ impl SharedState {
         lease_ttl: Duration,
         half_life: Duration,
     ) -> Result<SharedState, ShapingError> {
-        let bucket = |name: &str, description: &str, max_age| kv::Config {
-            bucket: name.to_string(),
-            description: description.to_string(),
-            history: 1,
-            max_age,
-            storage: StorageType::File,
-            num_replicas: replicas.max(1),
-            ..Default::default()
+        let bucket = |name, description, max_age| {
+            herald_core::limits::bucket(name, description, max_age, replicas)
         };
         let shaping = js
             .create_or_update_key_value(bucket(
