@@ -20,8 +20,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/herald /usr/local/bin/herald
 USER 65532:65532
-# Submission (STARTTLS, implicit TLS), optional port-25 listener, admin endpoint: all above
-# 1024, so no capability is needed; the Service maps them to 587/465/25.
-EXPOSE 2587 2465 2525 9090
+# Submission (STARTTLS, implicit TLS), optional port-25 listener, admin endpoint, reports API
+# (HTTP, gRPC): all above 1024, so no capability is needed; the Service maps SMTP to 587/465/25.
+EXPOSE 2587 2465 2525 9090 8080 50051
 ENTRYPOINT ["/usr/local/bin/herald"]
 CMD ["--help"]

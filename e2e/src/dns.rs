@@ -75,18 +75,46 @@ fn split_txt(value: &str) -> Vec<&str> {
 
 /// dnsmasq serving [`DnsRecords`] on 127.0.0.1:PORT (UDP and TCP), killed on drop.
 pub struct Dns {
+    ip: Ipv4Addr,
     port: u16,
     process: Managed,
 }
 
 impl Dns {
     pub fn start(scenario: &Scenario, records: &DnsRecords) -> Dns {
-        let port = free_port();
-        let conf_path = scenario.dir().join("dnsmasq.conf");
+        Dns::start_at(
+            scenario,
+            records,
+            Ipv4Addr::LOCALHOST,
+            free_port(),
+            "dnsmasq",
+        )
+    }
+
+    /// The same records on `ip:53`, for peers that resolve through the system resolver
+    /// (Postfix's own mail): a `resolv.conf` can name an address but no port. Started
+    /// under `name` (its files are `<name>.conf` and `<name>.log`).
+    pub fn start_for_resolver(
+        scenario: &Scenario,
+        records: &DnsRecords,
+        ip: Ipv4Addr,
+        name: &str,
+    ) -> Dns {
+        Dns::start_at(scenario, records, ip, 53, name)
+    }
+
+    fn start_at(
+        scenario: &Scenario,
+        records: &DnsRecords,
+        ip: Ipv4Addr,
+        port: u16,
+        name: &str,
+    ) -> Dns {
+        let conf_path = scenario.dir().join(format!("{name}.conf"));
         let mut conf = String::new();
         for line in [
             format!("port={port}"),
-            "listen-address=127.0.0.1".into(),
+            format!("listen-address={ip}"),
             "bind-interfaces".into(),
             "no-resolv".into(),
             "no-hosts".into(),
@@ -113,21 +141,25 @@ impl Dns {
             "dnsmasq",
             find_tool("dnsmasq", &[]),
             args,
-            scenario.dir().join("dnsmasq.log"),
+            scenario.dir().join(format!("{name}.log")),
         );
         process.spawn();
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let addr = SocketAddr::from((ip, port));
         process.wait_ready(
             &format!("TCP {addr} accepting"),
             Duration::from_secs(10),
             || tcp_accepts(addr),
         );
-        Dns { port, process }
+        Dns { ip, port, process }
     }
 
-    /// `127.0.0.1:PORT`
+    /// `127.0.0.1:PORT` (`IP:53` for [`Dns::start_for_resolver`]).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
     }
 
     pub fn port(&self) -> u16 {

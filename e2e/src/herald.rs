@@ -17,6 +17,7 @@ pub enum Role {
     Ingress,
     Delivery,
     Sink,
+    Api,
 }
 
 impl Role {
@@ -25,6 +26,7 @@ impl Role {
             Role::Ingress => "ingress",
             Role::Delivery => "delivery",
             Role::Sink => "sink",
+            Role::Api => "api",
         }
     }
 }

@@ -21,8 +21,9 @@ const RECIPIENT_ACCESS: &str = "\
 /// Postfix on `<unique 127.x.y.z>:25`, with its own config, queue and data dirs, storing
 /// every message for every domain into one Maildir. STARTTLS is offered (self-signed
 /// certificate); `tempfail@...` gets 450 4.2.0 and `reject@...` 550 5.1.1 at RCPT.
-/// No DNS at all (`smtp_dns_support_level = disabled`, `smtpd_peername_lookup = no`).
-/// Stopped on drop.
+/// No DNS at all (`smtp_dns_support_level = disabled`, `smtpd_peername_lookup = no`),
+/// except for [`Postfix::start_domain`], whose own mail leaves by MX lookups through the
+/// scenario's resolver DNS. Stopped on drop.
 pub struct Postfix {
     name: String,
     ip: Ipv4Addr,
@@ -30,14 +31,55 @@ pub struct Postfix {
     queue_dir: PathBuf,
     maildir: PathBuf,
     maillog: PathBuf,
+    /// A `resolv.conf` bind-mounted over `/etc/resolv.conf` for this instance only.
+    resolv_conf: Option<PathBuf>,
     running: bool,
+}
+
+/// What an instance is for.
+enum Kind {
+    /// Final destination for every domain, no DNS.
+    Sink,
+    /// Forwards everything to this host, no DNS.
+    Relay(SocketAddr),
+    /// Final destination for one domain; its own mail (bounces) goes out by DNS MX.
+    Domain {
+        domain: String,
+        unknown: Vec<String>,
+        nameserver: Ipv4Addr,
+    },
 }
 
 impl Postfix {
     /// Configures and starts an instance named `name` (a subdir of the scenario), on a fresh
     /// loopback address; waits for its 220 banner.
     pub fn start(scenario: &Scenario, name: &str) -> Postfix {
-        Postfix::start_with(scenario, name, None)
+        Postfix::start_with(scenario, name, Kind::Sink)
+    }
+
+    /// The MX of `domain` only, as a real site is: it accepts every local part at RCPT
+    /// and stores the mail, except for the addresses in `unknown`, which it accepts and
+    /// then bounces (`5.1.1`, virtual(8)'s "unknown user"): an asynchronous bounce, a DSN from
+    /// the null sender to the envelope sender. That DSN, like anything else not for
+    /// `domain`, leaves by DNS MX lookups through `nameserver:53` (the system resolver,
+    /// pointed there by a `resolv.conf` bind-mounted for this instance only; see
+    /// [`crate::Dns::start_for_resolver`]).
+    pub fn start_domain(
+        scenario: &Scenario,
+        name: &str,
+        domain: &str,
+        unknown: &[&str],
+        nameserver: Ipv4Addr,
+    ) -> Postfix {
+        Postfix::start_with(
+            scenario,
+            name,
+            Kind::Domain {
+                domain: domain.to_string(),
+                unknown: unknown.iter().map(|u| u.to_string()).collect(),
+                nameserver,
+            },
+        )
     }
 
     /// Like [`Postfix::start`], but a relay instead of a final destination: it stores
@@ -46,10 +88,10 @@ impl Postfix {
     /// answers; everything else (TLS offered, logs, no DNS at all) is as for `start`. For
     /// the relay benchmark (`e2e/src/bin/bench.rs`).
     pub fn start_relay(scenario: &Scenario, name: &str, relayhost: SocketAddr) -> Postfix {
-        Postfix::start_with(scenario, name, Some(relayhost))
+        Postfix::start_with(scenario, name, Kind::Relay(relayhost))
     }
 
-    fn start_with(scenario: &Scenario, name: &str, relayhost: Option<SocketAddr>) -> Postfix {
+    fn start_with(scenario: &Scenario, name: &str, kind: Kind) -> Postfix {
         let ip = unique_ip();
         let base = scenario.subdir(&format!("postfix-{name}"));
         let conf_dir = base.join("conf");
@@ -67,28 +109,66 @@ impl Postfix {
         let access = conf_dir.join("recipient_access");
         write(&access, RECIPIENT_ACCESS);
         let maillog = base.join("maillog");
-        // A final destination stores every domain into one Maildir and scripts answers per
-        // recipient; a relay forwards everything to its relayhost.
-        let (destination, restrictions) = match relayhost {
-            None => (
-                format!(
-                    "\
-virtual_mailbox_domains = static:ALL
+        let mailboxes = |domains: &str, maps: &str| {
+            format!(
+                "\
+virtual_mailbox_domains = {domains}
 virtual_mailbox_base = {mail}
-virtual_mailbox_maps = static:maildir/
+virtual_mailbox_maps = {maps}
 virtual_mailbox_limit = 0
 virtual_minimum_uid = 1
 virtual_uid_maps = static:{uid}
 virtual_gid_maps = static:{gid}
 ",
-                    mail = mail_base.display(),
-                ),
-                format!("check_recipient_access regexp:{}, ", access.display()),
+                mail = mail_base.display(),
+            )
+        };
+        let scripted = format!("check_recipient_access regexp:{}, ", access.display());
+        // A final destination stores every domain into one Maildir and scripts answers per
+        // recipient; a relay forwards everything to its relayhost; a domain's MX stores its
+        // own domain's mail and sends the rest (its bounces) by DNS.
+        let mut resolv_conf = None;
+        let (destination, restrictions, dns_level) = match &kind {
+            Kind::Sink => (
+                mailboxes("static:ALL", "static:maildir/"),
+                scripted,
+                "disabled",
             ),
-            Some(relay) => (
+            Kind::Relay(relay) => (
                 format!("relayhost = [{}]:{}\n", relay.ip(), relay.port()),
                 String::new(),
+                "disabled",
             ),
+            Kind::Domain {
+                domain,
+                unknown,
+                nameserver,
+            } => {
+                // Every address has a mailbox but the unknown ones; smtpd does not check
+                // (smtpd_reject_unlisted_recipient = no), so those are accepted at RCPT and
+                // bounced by virtual(8) ("unknown user", 5.1.1). An error(8) transport would
+                // not do: smtpd refuses such addresses at RCPT already.
+                let maps = conf_dir.join("mailboxes");
+                let alternatives: Vec<String> = unknown.iter().map(|u| regex_escape(u)).collect();
+                write(
+                    &maps,
+                    &format!("!/^({})$/ maildir/\n", alternatives.join("|")),
+                );
+                let resolv = base.join("resolv.conf");
+                write(
+                    &resolv,
+                    &format!("nameserver {nameserver}\noptions timeout:2 attempts:2\n"),
+                );
+                resolv_conf = Some(resolv);
+                (
+                    format!(
+                        "{}smtpd_reject_unlisted_recipient = no\n",
+                        mailboxes(domain, &format!("regexp:{}", maps.display())),
+                    ),
+                    scripted,
+                    "enabled",
+                )
+            }
         };
         let main_cf = format!(
             "\
@@ -109,7 +189,7 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 biff = no
 smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
+smtp_dns_support_level = {dns_level}
 {destination}smtpd_tls_security_level = may
 smtpd_tls_cert_file = {cert}
 smtpd_tls_key_file = {key}
@@ -188,6 +268,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             queue_dir,
             maildir: mail_base.join("maildir"),
             maillog,
+            resolv_conf,
             running: false,
         };
         pf.start_again();
@@ -287,11 +368,26 @@ postlog   unix-dgram n  -       n       -       1       postlogd
     /// Starts the instance again after [`Postfix::stop`] (same address, queue, Maildir).
     pub fn start_again(&mut self) {
         assert!(!self.running, "postfix {} is already running", self.name);
+        let mut command = match &self.resolv_conf {
+            None => Command::new(postfix_cmd()),
+            // The master and every daemon it forks live in this private mount namespace,
+            // where /etc/resolv.conf names this instance's nameserver. scripts/netns.sh's
+            // own bind mount there is of a deleted file, which cannot be mounted over: it
+            // is taken off first (in this namespace only).
+            Some(resolv) => {
+                let mut c = Command::new(find_tool("unshare", &[]));
+                c.args(["--mount", "--", "sh", "-c"])
+                    .arg(
+                        "umount /etc/resolv.conf 2>/dev/null; \
+                         mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"",
+                    )
+                    .arg(resolv)
+                    .arg(postfix_cmd());
+                c
+            }
+        };
         let out = run(
-            Command::new(postfix_cmd())
-                .arg("-c")
-                .arg(&self.conf_dir)
-                .arg("start"),
+            command.arg("-c").arg(&self.conf_dir).arg("start"),
             None,
             Duration::from_secs(60),
         );
@@ -387,6 +483,18 @@ fn smtp_banner(addr: SocketAddr) -> bool {
     let ok = reader.read_line(&mut line).is_ok() && line.starts_with("220");
     let _ = (&stream).write_all(b"QUIT\r\n");
     ok
+}
+
+/// `text` as a literal in a Postfix regexp table.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$/".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn postfix_cmd() -> PathBuf {

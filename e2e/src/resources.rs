@@ -191,16 +191,26 @@ impl Resources {
     /// Merges `spec_yaml` (a YAML mapping, e.g. `{hourlyLimit: 10}`) into the spec of the
     /// SmtpAccount `name` written earlier.
     pub fn account_spec(&mut self, name: &str, spec_yaml: &str) -> &mut Resources {
+        self.merge_spec("SmtpAccount", name, spec_yaml)
+    }
+
+    /// Merges `spec_yaml` (a YAML mapping, e.g. `{returnPath: bounces.example.test}`) into
+    /// the spec of the MailDomain `name` written earlier.
+    pub fn domain_spec(&mut self, name: &str, spec_yaml: &str) -> &mut Resources {
+        self.merge_spec("MailDomain", name, spec_yaml)
+    }
+
+    fn merge_spec(&mut self, kind: &str, name: &str, spec_yaml: &str) -> &mut Resources {
         let extra: Mapping = serde_yaml::from_str(spec_yaml).expect("spec fragment is a mapping");
         let doc = self
             .docs
             .iter_mut()
-            .find(|d| d["kind"] == s("SmtpAccount") && d["metadata"]["name"] == s(name))
-            .expect("the SmtpAccount exists");
+            .find(|d| d["kind"] == s(kind) && d["metadata"]["name"] == s(name))
+            .unwrap_or_else(|| panic!("the {kind} {name} exists"));
         let spec = doc
             .get_mut("spec")
             .and_then(Value::as_mapping_mut)
-            .expect("the SmtpAccount has a spec");
+            .unwrap_or_else(|| panic!("the {kind} {name} has a spec"));
         for (k, v) in extra {
             spec.insert(k, v);
         }

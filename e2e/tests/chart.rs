@@ -276,6 +276,7 @@ fn values_outside_the_schema_are_refused() {
             "containerPort",
         ),
         ("ingress.service.type=ExternalName", "/ingress/service/type"),
+        ("api.httpPort=80", "httpPort"),
     ] {
         let out = helm
             .command()
@@ -627,7 +628,7 @@ fn probes_and_metrics_use_the_configured_admin_endpoint() {
     assert_eq!(admin, "0.0.0.0:9090");
     assert_eq!(config["resources"]["source"].as_str(), Some("kubernetes"));
     assert_eq!(config["resources"]["namespace"].as_str(), Some(NAMESPACE));
-    for deployment in ["herald-ingress", "herald-delivery"] {
+    for deployment in ["herald-ingress", "herald-delivery", "herald-api"] {
         let c = container(&docs, deployment);
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
@@ -646,6 +647,116 @@ fn probes_and_metrics_use_the_configured_admin_endpoint() {
     }
     let metrics = find(&docs, "Service", "herald-metrics");
     assert_eq!(metrics["spec"]["ports"][0]["port"].as_i64(), Some(9090));
+}
+
+fn env_value<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
+    c["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str())
+}
+
+#[test]
+fn api_talks_only_to_nats_and_is_reachable_only_with_a_token() {
+    for values in VALUE_SETS {
+        let docs = render(*values);
+        let pod = &find(&docs, "Deployment", "herald-api")["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "herald-api");
+        assert_eq!(
+            pod["automountServiceAccountToken"].as_bool(),
+            Some(false),
+            "the API never calls the Kubernetes API ({values:?})"
+        );
+        find(&docs, "ServiceAccount", "herald-api");
+        assert!(
+            grants(&docs, "herald-api").is_empty(),
+            "herald-api is bound to a Role ({values:?})"
+        );
+        let c = &pod["containers"][0];
+        let token_file = env_value(c, "HERALD_API__TOKEN_FILE");
+        let http = env_value(c, "HERALD_API__HTTP_ADDR").expect("http addr");
+        let grpc = env_value(c, "HERALD_API__GRPC_ADDR").expect("grpc addr");
+        let service = docs
+            .iter()
+            .find(|d| kind(d) == "Service" && name(d) == "herald-api");
+        match token_file {
+            Some(file) => {
+                // The token is a file from the named Secret, and only then does the API
+                // listen on the pod's address behind a Service.
+                let mount = c["volumeMounts"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m["name"] == "api-token")
+                    .expect("token mounted");
+                let dir = mount["mountPath"].as_str().expect("mount path");
+                assert!(file.starts_with(dir), "{file} outside {dir}");
+                let volume = pod["volumes"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v["name"] == "api-token")
+                    .expect("token volume");
+                assert_eq!(volume["secret"]["secretName"], "herald-api-token");
+                assert_eq!((http, grpc), ("0.0.0.0:8080", "0.0.0.0:50051"));
+                let service = service.expect("API Service with a token");
+                let ports: Vec<(i64, &str)> = service["spec"]["ports"]
+                    .as_sequence()
+                    .expect("ports")
+                    .iter()
+                    .map(|p| {
+                        (
+                            p["port"].as_i64().unwrap_or_default(),
+                            p["targetPort"].as_str().unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                assert_eq!(ports, [(8080, "http"), (50051, "grpc")]);
+                assert_eq!(service["spec"]["type"], "ClusterIP");
+            }
+            None => {
+                // No token: loopback only (kubectl port-forward), no Service.
+                assert_eq!((http, grpc), ("127.0.0.1:8080", "127.0.0.1:50051"));
+                assert!(
+                    service.is_none(),
+                    "API Service without a token ({values:?})"
+                );
+            }
+        }
+    }
+    let docs = render(Some("ci/external-nats-values.yaml"));
+    let c = container(&docs, "herald-api");
+    assert!(
+        env_value(c, "HERALD_API__TOKEN_FILE").is_some(),
+        "a value set with a token"
+    );
+
+    // With NetworkPolicies: the API may reach NATS, and nothing of the Kubernetes API.
+    let docs = render(Some("ci/loadbalancer-cert-manager-values.yaml"));
+    let policy = find(&docs, "NetworkPolicy", "herald-api");
+    let egress_ports: Vec<i64> = policy["spec"]["egress"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|rule| rule["ports"].as_sequence().into_iter().flatten())
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert!(egress_ports.contains(&4222), "{egress_ports:?}");
+    assert!(
+        !egress_ports.contains(&443) && !egress_ports.contains(&6443),
+        "{egress_ports:?}"
+    );
+    let nats = find(&docs, "NetworkPolicy", "herald-nats");
+    let clients = nats["spec"]["ingress"][0]["from"][0]["podSelector"]["matchExpressions"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|e| e["key"] == "app.kubernetes.io/component")
+        .map(|e| strings(&e["values"]))
+        .unwrap_or_default();
+    assert!(clients.contains(&"api"), "NATS admits the API: {clients:?}");
 }
 
 #[test]

@@ -47,8 +47,9 @@ fn three_processes_keep_a_sites_connection_and_rate_limits() {
         "shaping-limits",
         &format!(
             "{{concurrency: 8, sources: [{{name: a, address: {source}}}], \
-             shaping: {{default: {{max_connections: 2, max_rate: 5, \
-             max_messages_per_connection: 50}}}}}}"
+             shaping: {{wait_backoff_max: 4s, providers: [{{name: dest, \
+             mx_suffixes: [dest.test], max_connections: 2, max_rate: 5, \
+             max_messages_per_connection: 50}}]}}}}"
         ),
     );
     let ids = message_ids("limits", 300);
@@ -64,6 +65,13 @@ fn three_processes_keep_a_sites_connection_and_rate_limits() {
         });
         started.elapsed()
     };
+    // Meanwhile, mail to an unlimited site is not held up behind the 300.
+    thread::sleep(Duration::from_secs(5));
+    let others = message_ids("limits-other", 20);
+    let queued = shaping.submit_all("user@other.test", &others);
+    shaping.wait_all("other.test", &others, Duration::from_secs(30));
+    let other_latency = latencies(&shaping.mx("other.test").events(), &others, &queued);
+    let slowest_other = other_latency.iter().cloned().fold(0.0, f64::max);
     shaping.wait_all("dest.test", &ids, Duration::from_secs(120));
     let drained = started.elapsed();
     let events = shaping.mx("dest.test").events();
@@ -87,7 +95,12 @@ fn three_processes_keep_a_sites_connection_and_rate_limits() {
          {most_per_second} MAIL commands in any 1 s window, peers {peers:?}",
         accepted.len()
     );
+    eprintln!("other.test meanwhile: slowest of 20 took {slowest_other:.3}s");
     assert_eq!(accepted.len(), 300, "each message exactly once");
+    assert!(
+        slowest_other < 3.0,
+        "mail to other.test waited {other_latency:?} behind the throttled site"
+    );
     assert!(
         most_connections <= 2,
         "{most_connections} connections at once"

@@ -21,6 +21,57 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub sink: SinkConfig,
     pub admin: AdminConfig,
+    pub api: ApiConfig,
+    pub bounces: BouncesConfig,
+}
+
+/// Return paths (VERP) and inbound bounces: read by delivery, which writes the return path,
+/// and by ingress, which takes the bounces back. Both must see the same secret.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BouncesConfig {
+    /// Key of the HMAC that tags every return-path address (`b+<queue id>-<tag>@<host>`),
+    /// so that nobody who has not seen a message can forge a bounce for it. Unset: no tag,
+    /// and anyone can make a valid return-path address from a queue id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// How long after `nats.queue_lifetime` a bounce can still be matched to its message
+    /// (remote servers bounce up to their own queue lifetime after accepting).
+    #[serde(with = "humantime_serde")]
+    pub record_grace: Duration,
+}
+
+/// Shortest secret accepted: a tag is only as strong as its key.
+pub const MIN_BOUNCE_SECRET_LEN: usize = 16;
+
+impl Default for BouncesConfig {
+    fn default() -> Self {
+        BouncesConfig {
+            secret: None,
+            record_grace: Duration::from_secs(3 * 24 * 3600),
+        }
+    }
+}
+
+// By hand: the secret must never reach a log line.
+impl std::fmt::Debug for BouncesConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BouncesConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("record_grace", &self.record_grace)
+            .finish()
+    }
+}
+
+impl BouncesConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        match &self.secret {
+            Some(s) if s.len() < MIN_BOUNCE_SECRET_LEN => Err(Error::Config(format!(
+                "bounces.secret must have at least {MIN_BOUNCE_SECRET_LEN} characters"
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -29,6 +80,68 @@ pub struct AdminConfig {
     /// Address of the HTTP endpoint for `/healthz`, `/readyz` and Prometheus `/metrics`;
     /// off when unset.
     pub addr: Option<SocketAddr>,
+}
+
+/// `herald api`: the reports API (gRPC and JSON over HTTP) read from JetStream.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// gRPC listen address (service `herald.v1.Reports`).
+    pub grpc_addr: SocketAddr,
+    /// JSON-over-HTTP listen address (`/v1/...`).
+    pub http_addr: SocketAddr,
+    /// Bearer token every request must carry (`Authorization: Bearer <token>`).
+    #[serde(serialize_with = "redacted")]
+    pub token: Option<String>,
+    /// File holding the token (a mounted Secret); read at start, surrounding whitespace
+    /// ignored. Used when `token` is unset.
+    pub token_file: Option<PathBuf>,
+    /// Serve without a token on non-loopback addresses. Off: without a token the API
+    /// refuses to start unless both addresses are loopback.
+    pub allow_unauthenticated: bool,
+    /// Most events one request may read from the events stream; a longer scan answers
+    /// with what it found, marked incomplete.
+    pub max_scan: usize,
+    /// How far back a lookup by Message-ID header (rather than queue id) searches.
+    #[serde(with = "humantime_serde")]
+    pub message_id_lookback: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            token: None,
+            token_file: None,
+            allow_unauthenticated: false,
+            max_scan: 100_000,
+            message_id_lookback: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+// By hand: the token must never reach a log line.
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("allow_unauthenticated", &self.allow_unauthenticated)
+            .field("max_scan", &self.max_scan)
+            .field("message_id_lookback", &self.message_id_lookback)
+            .finish()
+    }
+}
+
+/// A secret printed (`herald config`) as a placeholder: set or not, never its value.
+fn redacted<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -135,6 +248,10 @@ pub struct ListenerConfig {
     /// Allow AUTH before TLS. Off by default: passwords never cross the wire in clear.
     #[serde(default)]
     pub allow_plaintext_auth: bool,
+    /// Takes bounces instead of submissions (the MX of the MailDomains' return-path hosts,
+    /// port 25): no AUTH; only return-path addresses whose tag verifies are accepted.
+    #[serde(default)]
+    pub inbound: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -192,12 +309,14 @@ impl Default for IngressConfig {
                     addr: SocketAddr::from(([127, 0, 0, 1], 2587)),
                     tls: ListenerTls::Starttls,
                     allow_plaintext_auth: false,
+                    inbound: false,
                 },
                 ListenerConfig {
                     name: "submissions".into(),
                     addr: SocketAddr::from(([127, 0, 0, 1], 2465)),
                     tls: ListenerTls::Implicit,
                     allow_plaintext_auth: false,
+                    inbound: false,
                 },
             ],
             max_message_size: 25 * 1024 * 1024,
@@ -379,6 +498,7 @@ impl Config {
         let config: Config =
             serde_yaml::from_value(root).map_err(|e| Error::Config(e.to_string()))?;
         config.delivery.validate()?;
+        config.bounces.validate()?;
         Ok(config)
     }
 }
@@ -491,6 +611,7 @@ mod tests {
                 "delivery.delay_warning",
                 "delivery.sources",
                 "delivery.pools",
+                "bounces.secret",
             ]
             .map(String::from),
         );
@@ -514,6 +635,43 @@ mod tests {
         assert_eq!(c.resources.source, ResourceSourceKind::Kubernetes);
         assert_eq!(c.resources.namespace, "mail");
         assert!(serde_yaml::from_str::<Config>("resources: {source: etcd}").is_err());
+    }
+
+    #[test]
+    fn bounce_secret_comes_from_the_environment_and_stays_out_of_debug() {
+        let mut root = Value::Mapping(Mapping::new());
+        apply_env(
+            &mut root,
+            [(
+                "HERALD_BOUNCES__SECRET".to_string(),
+                "0123456789abcdef-long-enough".to_string(),
+            )]
+            .into_iter(),
+        )
+        .expect("apply");
+        let c: Config = serde_yaml::from_value(root).expect("config");
+        assert_eq!(
+            c.bounces.secret.as_deref(),
+            Some("0123456789abcdef-long-enough")
+        );
+        assert!(c.bounces.validate().is_ok());
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        let short = BouncesConfig {
+            secret: Some("short".into()),
+            ..Default::default()
+        };
+        assert!(short.validate().is_err());
+    }
+
+    #[test]
+    fn listeners_are_submission_unless_marked_inbound() {
+        let c: Config = serde_yaml::from_str(
+            "ingress: {listeners: [{name: mx, addr: '127.0.0.1:25', tls: starttls, inbound: true}, \
+             {name: sub, addr: '127.0.0.1:587', tls: starttls}]}",
+        )
+        .expect("yaml");
+        assert!(c.ingress.listeners[0].inbound);
+        assert!(!c.ingress.listeners[1].inbound);
     }
 
     #[test]

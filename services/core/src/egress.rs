@@ -143,6 +143,10 @@ pub struct ShapingConfig {
     /// it the entry is re-queued for later and the worker moves on.
     #[serde(with = "humantime_serde")]
     pub hold_max: Duration,
+    /// Longest pause of an entry sent back to the queue because its site is saturated
+    /// (connections or rate); the pause doubles from 250 ms with each wait of the entry.
+    #[serde(with = "humantime_serde")]
+    pub wait_backoff_max: Duration,
     /// Life of a connection slot claimed by a pod that dies without giving it back.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
@@ -213,6 +217,7 @@ impl Default for ShapingConfig {
             ],
             idle_timeout: Duration::from_secs(5),
             hold_max: Duration::from_secs(2),
+            wait_backoff_max: Duration::from_secs(30),
             lease_ttl: Duration::from_secs(600),
             cut_rate_base: 10.0,
             rate_recovery_step: 0.02,

@@ -152,6 +152,9 @@ pub struct Deliverer {
     state: SharedState,
     idle: IdlePool,
     rules: Rules,
+    /// Entries of this pod in flight per site: bounded, so that a saturated site never
+    /// occupies every worker.
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl Deliverer {
@@ -174,6 +177,7 @@ impl Deliverer {
             state,
             idle,
             rules,
+            in_flight: Arc::default(),
         })
     }
 
@@ -510,6 +514,16 @@ impl Deliverer {
         {
             Ok(s) => s,
             Err(u) => return Delivery::Wait(u),
+        };
+        // As many of this pod's entries per site as its sources may have connections; the
+        // rest go back to the queue at once instead of waiting in a worker.
+        let cap = (site.limits.max_connections as usize).saturating_mul(sources.len().max(1));
+        let Some(_gate) = SiteGate::enter(&self.in_flight, &site.key, cap) else {
+            return Delivery::Wait(Unavailable {
+                kind: "busy",
+                until_ms: now_ms() + 250,
+                reason: format!("{cap} entries for {} already in progress here", site.label),
+            });
         };
         let mut wait: Option<Unavailable> = None;
         for source in sources {
@@ -1017,7 +1031,10 @@ impl Deliverer {
             (&prepared.prefix, prepared.body)
         };
         let size = body.len() + prefix.len();
-        let mut mail_from = format!("MAIL FROM:<{}>", entry.sender);
+        let mut mail_from = format!(
+            "MAIL FROM:<{}>",
+            crate::return_path::envelope_sender(&self.config.bounces, entry)
+        );
         if let Some(limit) = conn.capabilities.size {
             if size > limit {
                 return Ok(all(Outcome::Failed(format!(
@@ -1099,6 +1116,44 @@ impl Deliverer {
             negatives,
             reusable,
         })
+    }
+}
+
+/// A place among the entries a pod works on for one site; given back on drop.
+struct SiteGate {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    site: String,
+}
+
+impl SiteGate {
+    fn enter(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        site: &str,
+        cap: usize,
+    ) -> Option<SiteGate> {
+        let mut map = counts.lock().ok()?;
+        let n = map.entry(site.to_string()).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(SiteGate {
+            counts: counts.clone(),
+            site: site.to_string(),
+        })
+    }
+}
+
+impl Drop for SiteGate {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock()
+            && let Some(n) = map.get_mut(&self.site)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.site);
+            }
+        }
     }
 }
 

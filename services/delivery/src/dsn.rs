@@ -2,6 +2,9 @@
 //! recipients failed for good. Built with mail-builder; sent through the normal queue with
 //! the null sender, so a bounce never bounces.
 
+// Classification lives in core, shared with ingress's inbound bounces; re-exported for
+// the callers here.
+pub use herald_core::bounce::{class_of, status_of};
 use mail_builder::{
     MessageBuilder,
     headers::{content_type::ContentType, raw::Raw},
@@ -141,56 +144,10 @@ pub fn header_block(message: &[u8]) -> &[u8] {
     &message[..end]
 }
 
-/// RFC 3463 status for a failure text that starts with a reply (`550 5.1.1 ...`) or an
-/// enhanced code (`5.1.2 ...`); `5.0.0` when there is none.
-pub fn status_of(diagnostic: &str) -> String {
-    diagnostic
-        .split_whitespace()
-        .take(2)
-        .find(|w| {
-            let parts: Vec<&str> = w.split('.').collect();
-            parts.len() == 3
-                && parts
-                    .iter()
-                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .map(str::to_string)
-        .unwrap_or_else(|| "5.0.0".into())
-}
-
-/// Bounce class recorded in events: `hard` (the address or domain does not exist, or the
-/// mailbox is disabled), `policy` (refused for content, sender or reputation), `expired`,
-/// or `permanent`.
-pub fn class_of(status: &str) -> &'static str {
-    if status.starts_with("5.1.") || status == "5.2.1" {
-        "hard"
-    } else if status.starts_with("5.7.") {
-        "policy"
-    } else if status == "4.4.7" {
-        "expired"
-    } else {
-        "permanent"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use mail_parser::MessageParser;
-
-    #[test]
-    fn status_and_class_come_from_the_reply() {
-        assert_eq!(status_of("550 5.1.1 No such user"), "5.1.1");
-        assert_eq!(
-            status_of("5.1.2 recipient domain x does not exist"),
-            "5.1.2"
-        );
-        assert_eq!(status_of("554 Transaction failed"), "5.0.0");
-        assert_eq!(class_of("5.1.1"), "hard");
-        assert_eq!(class_of("5.7.1"), "policy");
-        assert_eq!(class_of("4.4.7"), "expired");
-        assert_eq!(class_of("5.3.4"), "permanent");
-    }
 
     #[test]
     fn bounce_is_a_parseable_rfc3464_report() {

@@ -5,7 +5,8 @@
 //! explicit nameservers only), [`site`] names the destination its throttles apply to,
 //! [`egress`] picks the source address, [`shaping`] holds the throttle, suspension, warm-up
 //! and reputation state shared by all pods, [`rules`] learns from replies, [`reuse`] keeps
-//! idle connections, [`dkim`] signs, [`downgrade`] converts 8-bit MIME for old hosts, and
+//! idle connections, [`dkim`] signs, [`downgrade`] converts 8-bit MIME for old hosts,
+//! [`return_path`] picks the envelope sender (VERP for MailDomains with a return path), and
 //! [`client`] speaks SMTP to the remote host.
 
 pub mod attempt;
@@ -14,6 +15,7 @@ pub mod dkim;
 pub mod downgrade;
 pub mod dsn;
 pub mod egress;
+pub mod return_path;
 pub mod reuse;
 pub mod route;
 pub mod rules;

@@ -393,9 +393,9 @@ impl SharedState {
             let per_second = (full * s.factor).max(0.001);
             // Counted from the grant, not the theoretical time: grants are never closer
             // than one interval, so no window of a second ever sees more than the rate.
-            // One percent more keeps it so at the remote end too, where network jitter
-            // moves arrivals by a millisecond or two.
-            s.tat_ms = now + (1010.0 / per_second).ceil() as i64;
+            // Five percent more keeps it so at the remote end too, where scheduling and
+            // network jitter move arrivals by some milliseconds (tens on a busy host).
+            s.tat_ms = now + (1050.0 / per_second).ceil() as i64;
             let factor = s.factor;
             Change::Put(s, (None, factor))
         })

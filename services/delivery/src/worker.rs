@@ -8,6 +8,7 @@ use futures::StreamExt;
 use herald_core::{
     Error as CoreError,
     admin::Health,
+    bounce,
     config::Config,
     envelope::{Event, EventKind, QueueEntry, Recipient},
     metrics::DeliveryMetrics,
@@ -485,7 +486,17 @@ impl Worker {
     /// and the worker's slot is free for other sites at once.
     async fn wait(&self, msg: &Message, entry: &QueueEntry, attempt: u32, why: Unavailable) {
         let now_ms = crate::shaping::now_ms();
-        let due = why.until_ms.max(now_ms + 1000);
+        // A saturated site: each further wait of this entry pauses twice as long (so a deep
+        // backlog for one site does not churn the queue), jittered so they spread out.
+        let saturated = matches!(why.kind, "busy" | "connections" | "rate");
+        let pause = if saturated {
+            let max = self.config.delivery.shaping.wait_backoff_max.as_millis() as f64;
+            let base = (250.0 * 2f64.powi(entry.throttle_waits.min(20) as i32)).min(max);
+            (base * rand::rng().random_range(0.5..1.5)) as i64
+        } else {
+            0
+        };
+        let due = why.until_ms.max(now_ms + pause).max(now_ms + 1000);
         let not_before = (due + 999).div_euclid(1000);
         // Past the lifetime, waiting longer would only delay the bounce.
         let expires = entry.received_at + self.config.nats.queue_lifetime.as_secs() as i64;
@@ -505,6 +516,7 @@ impl Worker {
         let later = QueueEntry {
             attempt: attempt.saturating_sub(1),
             not_before,
+            throttle_waits: entry.throttle_waits.saturating_add(1),
             ..entry.clone()
         };
         let id = format!("{}.{}.w{}", entry.id, entry.domain, ulid::Ulid::new());
@@ -717,6 +729,7 @@ impl Worker {
             not_before: (crate::shaping::now_ms() + delay.as_millis() as i64 + 999)
                 .div_euclid(1000),
             delay_warned: entry.delay_warned || warn_now,
+            throttle_waits: 0,
             ..entry.clone()
         };
         match self
@@ -753,8 +766,8 @@ impl Worker {
     ) {
         let mut report = Vec::new();
         for (rcpt, why) in failed {
-            let status = dsn::status_of(why);
-            let class = dsn::class_of(&status);
+            let status = bounce::status_of(why);
+            let class = bounce::class_of(&status);
             let kind = if class == "expired" {
                 EventKind::Expired
             } else {
@@ -769,7 +782,7 @@ impl Worker {
                 class,
             )
             .await;
-            if class == "hard"
+            if bounce::suppresses(class)
                 && let Err(e) = self.suppression.add(&entry.account, rcpt, why).await
             {
                 warn!(error = %e, rcpt = %rcpt, "not added to the suppression list");
@@ -807,7 +820,7 @@ impl Worker {
         let report: Vec<dsn::Failed> = deferred
             .iter()
             .map(|(rcpt, why)| {
-                let status = dsn::status_of(why);
+                let status = bounce::status_of(why);
                 // A deferral's status is 4.x.x; a reply without one reads as 4.0.0.
                 let status = if status.starts_with('4') {
                     status
@@ -927,6 +940,9 @@ impl Worker {
             traceparent: entry.traceparent.clone(),
             message_id: format!("<{}.{tag}@{}>", entry.id, self.config.delivery.hostname),
             delay_warned: true,
+            // From the null sender: never rewritten.
+            return_path: String::new(),
+            throttle_waits: 0,
         };
         self.queue
             .publish_entry(&bounce, Some(format!("{}.{tag}.{}", entry.id, now)))

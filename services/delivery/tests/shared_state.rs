@@ -141,9 +141,9 @@ async fn message_rate_is_spaced_across_pods() {
     let mut g = grants.lock().expect("lock").clone();
     g.sort();
     assert_eq!(g.len(), 24);
-    // 20/s: grants at least 50.5 ms apart (1 ms for the clock read after the grant).
+    // 20/s: grants at least 52.5 ms apart (1 ms for the clock read after the grant).
     for w in g.windows(2) {
-        assert!(w[1] - w[0] >= 50, "grants too close: {g:?}");
+        assert!(w[1] - w[0] >= 52, "grants too close: {g:?}");
     }
 }
 
@@ -238,14 +238,14 @@ async fn cut_rates_recover_and_reputation_is_shared() {
         .await
         .expect("rate");
     assert_eq!(factor, 0.5);
-    // Right after a grant at 5/s the next one waits about 200 ms (202: the 1 % margin).
+    // Right after a grant at 5/s the next one waits about 200 ms (210: the 5 % margin).
     let (wait, _) = pods[1]
         .take_rate("src", "site", None, 10.0)
         .await
         .expect("rate");
     let wait = wait.expect("rate-limited after the cut");
     assert!(
-        wait <= Duration::from_millis(202) && wait >= Duration::from_millis(100),
+        wait <= Duration::from_millis(210) && wait >= Duration::from_millis(100),
         "{wait:?}"
     );
     for _ in 0..25 {

@@ -1,5 +1,5 @@
-//! `herald dev`: ingress, delivery and a sink in one process, against a local nats-server,
-//! with every message routed to the sink's Maildir. For a first look, not for production.
+//! `herald dev`: ingress, delivery, the reports API and a sink in one process, against a
+//! local nats-server, with every message routed to the sink's Maildir. For a first look, not for production.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -96,9 +96,17 @@ pub async fn run(
     let Some(resources) = crate::resources(&config, &shutdown).await? else {
         return Ok(());
     };
+    let api_auth = herald_api::Auth::from_config(&config.api)?;
     let queue = crate::connect_queue(&config).await?;
 
     let sink = tokio::spawn(herald_sink::serve(config.sink.clone(), shutdown.clone()));
+    let api = tokio::spawn(herald_api::run(
+        config.clone(),
+        api_auth,
+        queue.clone(),
+        shutdown.clone(),
+        herald_core::admin::Health::new(),
+    ));
     // Dev mode is ready when ingress is: one health for the whole process.
     let ingress = tokio::spawn(herald_ingress::serve(
         config.clone(),
@@ -129,19 +137,21 @@ pub async fn run(
             ListenerTls::None => "",
         };
         eprintln!(
-            "\nHerald dev is running. Send a first message:\n\n  swaks --server {ip} --port {port}{tls} --auth PLAIN --auth-user {user} --auth-password '{password}' --from hello@{domain} --to you@example.net\n\nEvery message is delivered, DKIM-signed, to the local sink: {maildir}/new/\nStop with Ctrl-C.\n",
+            "\nHerald dev is running. Send a first message:\n\n  swaks --server {ip} --port {port}{tls} --auth PLAIN --auth-user {user} --auth-password '{password}' --from hello@{domain} --to you@example.net\n\nEvery message is delivered, DKIM-signed, to the local sink: {maildir}/new/\nFollow it with the reports API: curl http://{api}/v1/messages/<queue id>\nStop with Ctrl-C.\n",
             ip = l.addr.ip(),
             port = l.addr.port(),
             maildir = config.sink.maildir.display(),
+            api = config.api.http_addr,
         );
     }
 
     // Each role drains on the shutdown signal; if one fails, dev mode stops as a whole.
-    let (sink, ingress, delivery) = (
+    let (sink, ingress, delivery, api) = (
         async { sink.await?.map_err(anyhow::Error::from) },
         async { ingress.await?.map_err(anyhow::Error::from) },
         async { delivery.await?.map_err(anyhow::Error::from) },
+        async { api.await?.map_err(anyhow::Error::from) },
     );
-    tokio::try_join!(sink, ingress, delivery)?;
+    tokio::try_join!(sink, ingress, delivery, api)?;
     Ok(())
 }

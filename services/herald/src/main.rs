@@ -37,7 +37,11 @@ enum Command {
     Delivery,
     /// Receiving SMTP server that stores every message in a Maildir (tests, dev, benchmarks).
     Sink,
-    /// All in one process: ingress, delivery and a sink that receives all mail.
+    /// Reports API over gRPC and JSON HTTP: message history, account statistics,
+    /// suppressions, queue state.
+    Api,
+    /// All in one process: ingress, delivery, the reports API and a sink that receives all
+    /// mail.
     Dev(dev::DevArgs),
     /// Print the MailDomain and SmtpAccount CustomResourceDefinitions.
     Crds,
@@ -186,6 +190,15 @@ async fn main() -> anyhow::Result<()> {
             let (_telemetry, health) = observe("herald-sink", &config, &shutdown);
             health.set_ready(true);
             herald_sink::serve(config.sink, shutdown).await?;
+        }
+        Command::Api => {
+            let config = Arc::new(load()?);
+            // A token policy that cannot hold is a start-up error, before waiting for NATS.
+            let auth = herald_api::Auth::from_config(&config.api)?;
+            let shutdown = shutdown_signal();
+            let (_telemetry, health) = observe("herald-api", &config, &shutdown);
+            let queue = connect_queue(&config).await?;
+            herald_api::run(config, auth, queue, shutdown, health).await?;
         }
         Command::Dev(args) => {
             let config = dev::config(&args, cli.config.as_deref())?;

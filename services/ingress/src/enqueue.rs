@@ -8,7 +8,8 @@ use herald_core::{
     account::SenderDefaults,
     envelope::{Event, EventKind, QueueEntry, Recipient},
     queue::{Queue, submission_digest},
-    types::QueueId,
+    return_path::{ReturnPathRecord, ReturnPaths},
+    types::{Domain, QueueId},
 };
 use mail_parser::{DateTime, MessageParser};
 
@@ -30,6 +31,8 @@ pub struct Submission {
     pub defaults: SenderDefaults,
     /// Unix seconds before which delivery may not start (held by the hourly limit), or 0.
     pub not_before: i64,
+    /// The sender's MailDomain's return-path host: bounces come back to Herald (VERP).
+    pub return_path: Option<Domain>,
 }
 
 /// Why a message could not be queued; the client hears 451 and retries.
@@ -116,6 +119,7 @@ fn trace_headers(sub: &Submission, hostname: &str, id: &QueueId, now: i64) -> St
 /// Queues `sub` and returns its queue id once JetStream has acknowledged everything.
 pub async fn enqueue(
     queue: &Queue,
+    return_paths: &ReturnPaths,
     hostname: &str,
     sub: Submission,
 ) -> Result<QueueId, EnqueueError> {
@@ -141,7 +145,36 @@ pub async fn enqueue(
         .unwrap_or_default();
     let size = body.len() as u64;
 
-    let body_ref = queue.store_body(id.as_str(), Bytes::from(body)).await?;
+    // The return-path record is written beside the body, not after it, so that it costs
+    // the 250 no extra round trip. Without it a bounce could not be matched: the message
+    // then leaves with the app's own sender, and bounces go straight to the app.
+    let record = sub.return_path.as_ref().map(|host| {
+        (
+            host,
+            ReturnPathRecord {
+                account: sub.account.clone(),
+                sender: sub.sender.clone(),
+                sender_domain: sub.sender_domain.clone(),
+                message_id: message_id.clone(),
+                recipients: rcpt_addrs.iter().map(|r| r.to_lowercase()).collect(),
+                received_at: now,
+            },
+        )
+    });
+    let recorded = async {
+        let (host, record) = record.as_ref()?;
+        match return_paths.put(id.as_str(), record).await {
+            Ok(()) => Some(host.to_string()),
+            Err(e) => {
+                tracing::warn!(queue_id = %id, error = %e, "return-path record not written; sending with the app's envelope sender");
+                None
+            }
+        }
+    };
+    let (body_ref, return_path) =
+        tokio::join!(queue.store_body(id.as_str(), Bytes::from(body)), recorded);
+    let body_ref = body_ref?;
+    let return_path = return_path.unwrap_or_default();
 
     let mut by_domain: BTreeMap<&str, Vec<Recipient>> = BTreeMap::new();
     for (address, domain) in &sub.recipients {
@@ -173,6 +206,8 @@ pub async fn enqueue(
             traceparent: sub.traceparent.clone(),
             message_id: message_id.clone(),
             delay_warned: false,
+            return_path: return_path.clone(),
+            throttle_waits: 0,
         })
         .collect();
     // Mail held by the hourly limit waits as a schedule, not in the consumer.
@@ -244,6 +279,7 @@ mod tests {
             traceparent: String::new(),
             defaults: SenderDefaults::default(),
             not_before: 0,
+            return_path: None,
         }
     }
 

@@ -10,9 +10,11 @@ use herald_core::{
     metrics::IngressMetrics,
     queue::Queue,
     resources::ResourceSource,
+    return_path::ReturnPaths,
     smtp::{self, Conn, SmtpIo},
     suppression::Suppression,
     tls,
+    verp::Verp,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{error, info};
@@ -115,6 +117,19 @@ pub async fn serve(
         config.delivery.suppression_ttl,
     )
     .await?;
+    let return_paths = ReturnPaths::setup(
+        queue.jetstream(),
+        config.nats.replicas,
+        config.nats.queue_lifetime + config.bounces.record_grace,
+        config.nats.publish_timeout,
+    )
+    .await?;
+    let verp = Verp::new(config.bounces.secret.as_deref());
+    if !verp.is_tagged() && config.ingress.listeners.iter().any(|l| l.inbound) {
+        tracing::warn!(
+            "bounces.secret is not set: return-path addresses carry no tag, and anyone who knows a queue id can report bounces for it"
+        );
+    }
     let connections = Arc::new(ConnectionCounts::default());
     let mut listeners = Vec::new();
     for l in &config.ingress.listeners {
@@ -128,7 +143,7 @@ pub async fn serve(
                 addr: l.addr,
                 source,
             })?;
-        info!(listener = %l.name, addr = %l.addr, tls = ?l.tls, "listening");
+        info!(listener = %l.name, addr = %l.addr, tls = ?l.tls, inbound = l.inbound, "listening");
         let ctx = Arc::new(SessionContext {
             config: config.clone(),
             listener: l.clone(),
@@ -139,6 +154,8 @@ pub async fn serve(
             metrics: metrics.clone(),
             limits: limits.clone(),
             suppression: suppression.clone(),
+            return_paths: return_paths.clone(),
+            verp: verp.clone(),
         });
         listeners.push((socket, ctx));
     }

@@ -38,6 +38,12 @@ impl Reply {
     pub fn queued(id: &str) -> Reply {
         Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
     }
+    pub fn report_processed() -> Reply {
+        Reply::new(250, "2.0.0", "Ok: delivery report processed")
+    }
+    pub fn returned_message_accepted() -> Reply {
+        Reply::new(250, "2.0.0", "Ok: message accepted")
+    }
     pub fn queued_held(id: &str, until: &str) -> Reply {
         Reply::new(
             250,
@@ -114,6 +120,13 @@ impl Reply {
             452,
             "4.5.3",
             format!("Too many recipients (at most {max} per message)"),
+        )
+    }
+    pub fn return_paths_unavailable() -> Reply {
+        Reply::new(
+            451,
+            "4.3.0",
+            "Bounce records temporarily unavailable; try again later",
         )
     }
     pub fn resources_unavailable() -> Reply {
@@ -264,6 +277,15 @@ impl Reply {
             "5.1.1",
             format!("Recipient <{rcpt}> is on the suppression list"),
         )
+    }
+    pub fn relay_denied() -> Reply {
+        Reply::new(554, "5.7.1", "Relay access denied")
+    }
+    pub fn unknown_recipient(rcpt: &str) -> Reply {
+        Reply::new(550, "5.1.1", format!("Recipient <{rcpt}> unknown"))
+    }
+    pub fn auth_not_offered() -> Reply {
+        Reply::new(503, "5.5.1", "AUTH is not offered on this listener")
     }
     pub fn too_many_connections_from(ip: &str) -> Reply {
         Reply::new(421, "4.7.0", format!("Too many connections from {ip}"))

@@ -10,10 +10,12 @@ use herald_core::{
     metrics::IngressMetrics,
     queue::Queue,
     resources::{AccountView, ResourceSource, SenderDomainRefusal},
+    return_path::ReturnPaths,
     smtp::{Data, Incoming, SmtpIo},
     suppression::Suppression,
     telemetry,
     types::Mailbox,
+    verp::Verp,
 };
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
 use tokio::sync::watch;
@@ -24,6 +26,7 @@ use crate::{
     auth::{Credentials, decode_line, decode_plain},
     content::{check_lines, from_domains},
     enqueue::{Submission, enqueue},
+    inbound::{self, Returned},
     reply::{self, Reply},
 };
 
@@ -42,12 +45,18 @@ pub struct SessionContext {
     pub metrics: IngressMetrics,
     pub limits: Limits,
     pub suppression: Suppression,
+    /// Records of messages sent with a return path (written at queueing, read by bounces).
+    pub return_paths: ReturnPaths,
+    pub verp: Verp,
 }
 
 struct Transaction {
-    sender: Mailbox,
+    /// `None` for the null sender, which only the inbound listener accepts (bounces).
+    sender: Option<Mailbox>,
     sender_domain: String,
     recipients: Vec<(String, String)>,
+    /// Inbound listener: the messages the return-path recipients stand for.
+    returned: Vec<Returned>,
     smtputf8: bool,
     eight_bit: bool,
 }
@@ -128,6 +137,10 @@ impl Session {
 
     /// Binds the account whose client networks contain the peer, if any.
     fn bind_client_network(&mut self) {
+        // An inbound listener serves no account: bounces are matched by their recipient.
+        if self.ctx.listener.inbound {
+            return;
+        }
         let resources = self.ctx.resources.current();
         if let Some(a) = resources.account_for_client(self.peer.ip()) {
             info!(account = %a.id, "client network bound to account");
@@ -244,7 +257,7 @@ impl Session {
     }
 
     fn auth_offered(&self) -> bool {
-        self.io.is_tls() || self.ctx.listener.allow_plaintext_auth
+        !self.ctx.listener.inbound && (self.io.is_tls() || self.ctx.listener.allow_plaintext_auth)
     }
 
     fn starttls_offered(&self) -> bool {
@@ -308,6 +321,9 @@ impl Session {
         }
         if self.txn.is_some() {
             return Ok(self.fail(Reply::auth_in_transaction()));
+        }
+        if self.ctx.listener.inbound {
+            return Ok(self.fail(Reply::auth_not_offered()));
         }
         if !self.auth_offered() {
             return Ok(self.fail(Reply::encryption_required()));
@@ -410,6 +426,9 @@ impl Session {
         if from.size > max {
             return self.fail(Reply::message_too_big(max));
         }
+        if self.ctx.listener.inbound {
+            return self.inbound_mail(from);
+        }
         if from.address.is_empty() {
             return self.fail(Reply::null_sender_refused());
         }
@@ -425,9 +444,10 @@ impl Session {
         let Some(account) = self.account.clone() else {
             self.send(Reply::sender_ok(&from.address));
             self.txn = Some(Transaction {
-                sender,
+                sender: Some(sender),
                 sender_domain: String::new(),
                 recipients: Vec::new(),
+                returned: Vec::new(),
                 smtputf8,
                 eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
             });
@@ -450,16 +470,142 @@ impl Session {
         };
         self.send(Reply::sender_ok(&from.address));
         self.txn = Some(Transaction {
-            sender,
+            sender: Some(sender),
             sender_domain: domain,
             recipients: Vec::new(),
+            returned: Vec::new(),
             smtputf8,
             eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
         });
         Next::Continue
     }
 
+    /// MAIL on the inbound listener: any sender, the null sender above all (bounces).
+    fn inbound_mail(&mut self, from: smtp_proto::MailFrom<String>) -> Next {
+        let sender = if from.address.is_empty() {
+            None
+        } else {
+            match Mailbox::parse(&from.address) {
+                Some(m) => Some(m),
+                None => return self.fail(Reply::bad_sender_syntax()),
+            }
+        };
+        self.send(Reply::sender_ok(&from.address));
+        self.txn = Some(Transaction {
+            sender,
+            sender_domain: String::new(),
+            recipients: Vec::new(),
+            returned: Vec::new(),
+            smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+            eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+        });
+        Next::Continue
+    }
+
+    /// RCPT on the inbound listener: only return-path addresses of recorded messages.
+    async fn inbound_rcpt(&mut self, to: smtp_proto::RcptTo<String>) -> Next {
+        let max = self.ctx.config.ingress.max_recipients;
+        let Some(txn) = self.txn.as_ref() else {
+            return self.fail(Reply::need_mail());
+        };
+        if txn.returned.len() >= max {
+            self.send(Reply::too_many_recipients(max));
+            return Next::Continue;
+        }
+        let Some(rcpt) = Mailbox::parse(&to.address) else {
+            return self.fail(Reply::bad_recipient_syntax());
+        };
+        match inbound::recipient(&self.ctx, &rcpt).await {
+            Ok(returned) => {
+                let Some(txn) = self.txn.as_mut() else {
+                    return self.fail(Reply::need_mail());
+                };
+                txn.returned.push(returned);
+                self.send(Reply::recipient_ok(&to.address));
+                Next::Continue
+            }
+            // Temporary (the records cannot be read): not the client's error.
+            Err(r) if r.code < 500 => {
+                self.send(r);
+                Next::Continue
+            }
+            Err(r) => self.fail(r),
+        }
+    }
+
+    /// DATA on the inbound listener: read, process the report, never queue anything.
+    async fn inbound_data(&mut self) -> std::io::Result<Next> {
+        match &self.txn {
+            None => return Ok(self.fail(Reply::need_mail())),
+            Some(t) if t.returned.is_empty() => return Ok(self.fail(Reply::need_rcpt())),
+            Some(_) => {}
+        }
+        self.send(Reply::start_data());
+        let max = self.ctx.config.ingress.max_message_size;
+        let data = self
+            .io
+            .read_data(max, self.ctx.config.ingress.data_timeout)
+            .await;
+        let Some(txn) = self.txn.take() else {
+            return Ok(Next::Close);
+        };
+        // Line-ending and header checks protect what is relayed; this message is only
+        // read, so a sloppy bounce still counts.
+        let body = match data {
+            Ok(Data::Message(body)) => body,
+            Ok(Data::TooLarge) => {
+                self.ctx.metrics.refused("message_too_big");
+                self.send(Reply::message_too_big(max));
+                return Ok(Next::Continue);
+            }
+            Ok(Data::Closed) => return Ok(Next::Close),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                let r = Reply::timeout(self.hostname());
+                self.send(r);
+                return Ok(Next::Close);
+            }
+            Err(e) => return Err(e),
+        };
+        let sender = txn
+            .sender
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let span = info_span!(
+            "smtp.inbound",
+            herald.sender = %sender,
+            herald.recipients = txn.returned.len(),
+            messaging.message.body.size = body.len(),
+        );
+        let result = inbound::process(&self.ctx, &txn.returned, &body)
+            .instrument(span)
+            .await;
+        match result {
+            Ok(p) => {
+                let outcome = if p.report {
+                    "bounce_report"
+                } else {
+                    "returned_other"
+                };
+                self.ctx
+                    .metrics
+                    .messages
+                    .add(1, &[opentelemetry::KeyValue::new("outcome", outcome)]);
+                if p.report {
+                    self.send(Reply::report_processed());
+                } else {
+                    self.send(Reply::returned_message_accepted());
+                }
+            }
+            Err(r) => self.send(r),
+        }
+        Ok(Next::Continue)
+    }
+
     async fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) -> Next {
+        if self.ctx.listener.inbound {
+            return self.inbound_rcpt(to).await;
+        }
         // No open relay: without an authenticated account nothing is accepted, whatever the
         // order of commands.
         if self.account.is_none() {
@@ -559,6 +705,9 @@ impl Session {
     }
 
     async fn data(&mut self) -> std::io::Result<Next> {
+        if self.ctx.listener.inbound {
+            return self.inbound_data().await;
+        }
         let Some(account) = self.account.clone() else {
             return Ok(self.fail(Reply::auth_required()));
         };
@@ -659,9 +808,20 @@ impl Session {
             }
         }
         let counted = account.policy.hourly_limit.is_some();
+        // Bounces for this message come back to Herald when its MailDomain has a return path.
+        let return_path = self
+            .ctx
+            .resources
+            .current()
+            .domain(&txn.sender_domain)
+            .and_then(|d| d.return_path.clone());
         let submission = Submission {
             account: account.id.clone(),
-            sender: txn.sender.to_string(),
+            sender: txn
+                .sender
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default(),
             sender_domain: txn.sender_domain,
             recipients: txn.recipients,
             body,
@@ -673,12 +833,14 @@ impl Session {
             traceparent: telemetry::traceparent(&span).unwrap_or_default(),
             defaults: account.policy.sender_defaults.clone(),
             not_before: held_until.map(|h| h * 3600).unwrap_or(0),
+            return_path,
         };
         let size = submission.body.len();
         span.record("herald.recipients", submission.recipients.len());
         span.record("messaging.message.body.size", size);
         let result = enqueue(
             &self.ctx.queue,
+            &self.ctx.return_paths,
             &self.ctx.config.ingress.hostname,
             submission,
         )

@@ -535,6 +535,8 @@ pub struct DomainView {
     pub smarthost: Option<crate::route::ResolvedRoute>,
     /// Egress pool named by the MailDomain.
     pub egress_pool: Option<String>,
+    /// `spec.returnPath`: host of the VERP envelope sender, so bounces come back to Herald.
+    pub return_path: Option<Domain>,
 }
 
 /// An SmtpAccount as the data plane sees it.
@@ -594,6 +596,14 @@ impl Resources {
 
     pub fn domain(&self, id: &str) -> Option<&DomainView> {
         self.domains.get(id)
+    }
+
+    /// True when `host` is the return-path host of some MailDomain: the inbound listener
+    /// takes bounces for it.
+    pub fn is_return_path_host(&self, host: &Domain) -> bool {
+        self.domains
+            .values()
+            .any(|d| d.return_path.as_ref() == Some(host))
     }
 
     /// The MailDomain through which `account` may send from `domain`.
@@ -675,6 +685,12 @@ impl Resources {
                 .smarthost
                 .as_ref()
                 .map(|r| r.resolve(|n| secret(&namespace, n)));
+            let return_path = match &md.spec.return_path {
+                Some(host) => Some(Domain::parse(host).ok_or_else(|| {
+                    format!("MailDomain {namespace}/{name}: invalid returnPath {host:?}")
+                })?),
+                None => None,
+            };
             let id = format!("{namespace}/{name}");
             domains.insert(
                 id.clone(),
@@ -687,6 +703,7 @@ impl Resources {
                     ready,
                     smarthost,
                     egress_pool: md.spec.egress_pool.clone(),
+                    return_path,
                 },
             );
         }
@@ -1063,6 +1080,25 @@ stringData: {{rsa-sha256.pem: RSA}}
             err.to_string().contains("Secret s: password is not UTF-8"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn return_path_hosts_are_known() {
+        let mut docs = Documents::default();
+        docs.add_yaml(
+            Path::new("t.yaml"),
+            "apiVersion: herald.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: d}\n\
+             spec: {domain: d.test, returnPath: Bounces.D.test}\n",
+        )
+        .expect("parse");
+        let r = Resources::from_documents(docs).expect("resolve");
+        let host = Domain::parse("bounces.d.test").expect("domain");
+        assert_eq!(
+            r.domain("default/d").and_then(|d| d.return_path.clone()),
+            Some(host.clone())
+        );
+        assert!(r.is_return_path_host(&host));
+        assert!(!r.is_return_path_host(&Domain::parse("d.test").expect("domain")));
     }
 
     #[test]
