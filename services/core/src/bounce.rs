@@ -22,16 +22,50 @@ pub fn status_of(diagnostic: &str) -> String {
         .unwrap_or_else(|| "5.0.0".into())
 }
 
-/// Bounce class recorded in events: `hard` (the address or domain does not exist, or the
-/// mailbox is disabled), `policy` (refused for content, sender or reputation), `expired`,
-/// or `permanent`.
+/// Bounce class recorded in events, from the status alone: see [`classify`].
 pub fn class_of(status: &str) -> &'static str {
-    if status.starts_with("5.1.") || status == "5.2.1" {
+    classify(status, "")
+}
+
+/// Words mailbox providers use when they refuse a sender for its reputation rather than
+/// for this message (Gmail "unsolicited", Microsoft "blocked using Spamhaus", RBL names).
+const REPUTATION_WORDS: &[&str] = &[
+    "reputation",
+    "spam",
+    "unsolicited",
+    "blocklist",
+    "blacklist",
+    "block list",
+    "blocked",
+    "listed",
+    "rbl",
+    "dnsbl",
+    "spamhaus",
+    "barracuda",
+];
+
+/// Bounce class recorded in events:
+/// - `hard`: the address or domain does not exist or is disabled (5.1.x, 5.2.1): suppressed;
+/// - `reputation`: refused for the sending IP's or domain's standing (5.7.x / 4.7.x with
+///   words like "spam", "blocked", "listed");
+/// - `policy`: any other 5.7.x refusal (content, authentication, sender);
+/// - `soft`: a condition of the mailbox that may pass (4.x.x made final, 5.2.2 mailbox
+///   full, 5.2.3 message too large for it);
+/// - `expired`: still undelivered when the queue lifetime ran out (4.4.7);
+/// - `permanent`: anything else final.
+pub fn classify(status: &str, text: &str) -> &'static str {
+    let text = text.to_ascii_lowercase();
+    let reputation = || REPUTATION_WORDS.iter().any(|w| text.contains(w));
+    if status == "4.4.7" {
+        "expired"
+    } else if status.starts_with("5.1.") || status == "5.2.1" {
         "hard"
+    } else if (status.starts_with("5.7.") || status.starts_with("4.7.")) && reputation() {
+        "reputation"
     } else if status.starts_with("5.7.") {
         "policy"
-    } else if status == "4.4.7" {
-        "expired"
+    } else if status.starts_with('4') || status == "5.2.2" || status == "5.2.3" {
+        "soft"
     } else {
         "permanent"
     }
@@ -59,6 +93,29 @@ mod tests {
         assert_eq!(class_of("5.7.1"), "policy");
         assert_eq!(class_of("4.4.7"), "expired");
         assert_eq!(class_of("5.3.4"), "permanent");
+        assert_eq!(
+            classify(
+                "5.7.1",
+                "550 5.7.1 Service unavailable; client host blocked using Spamhaus"
+            ),
+            "reputation"
+        );
+        assert_eq!(
+            classify(
+                "4.7.28",
+                "421 4.7.28 unusual rate of unsolicited mail from your IP"
+            ),
+            "reputation"
+        );
+        assert_eq!(
+            classify("5.7.1", "550 5.7.1 DMARC policy violation"),
+            "policy"
+        );
+        assert_eq!(classify("5.2.2", "552 5.2.2 Mailbox full"), "soft");
+        assert_eq!(
+            classify("4.2.1", "450 4.2.1 busy (made final by a rule)"),
+            "soft"
+        );
         assert!(suppresses(class_of("5.1.1")));
         assert!(!suppresses(class_of("5.2.2")));
     }

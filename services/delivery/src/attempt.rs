@@ -909,10 +909,12 @@ impl Deliverer {
                     Verdict::Delivered
                 }
                 Outcome::Deferred(_) => Verdict::Deferred,
-                Outcome::Failed(why) => match crate::dsn::class_of(&crate::dsn::status_of(why)) {
-                    "policy" => Verdict::Blocked,
-                    _ => Verdict::Bounced,
-                },
+                Outcome::Failed(why) => {
+                    match herald_core::bounce::classify(&crate::dsn::status_of(why), why) {
+                        "policy" | "reputation" => Verdict::Blocked,
+                        _ => Verdict::Bounced,
+                    }
+                }
             };
             self.state.record(&source.key, &site.provider, verdict);
         }

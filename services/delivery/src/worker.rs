@@ -767,7 +767,7 @@ impl Worker {
         let mut report = Vec::new();
         for (rcpt, why) in failed {
             let status = bounce::status_of(why);
-            let class = bounce::class_of(&status);
+            let class = bounce::classify(&status, why);
             let kind = if class == "expired" {
                 EventKind::Expired
             } else {

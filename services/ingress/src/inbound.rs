@@ -120,12 +120,12 @@ fn findings(returned: &Returned, report: &DeliveryReport, now: i64) -> (Vec<Find
                     .filter(|s| s != "5.0.0")
             })
             .unwrap_or_else(|| default_status.to_string());
+        let diagnostic = block.diagnostic.clone().unwrap_or_default();
         let class = if kind == EventKind::Bounced {
-            bounce::class_of(&status)
+            bounce::classify(&status, &diagnostic)
         } else {
             ""
         };
-        let diagnostic = block.diagnostic.clone().unwrap_or_default();
         let reply_code = diagnostic
             .get(..3)
             .filter(|c| c.bytes().all(|b| b.is_ascii_digit()))
@@ -330,7 +330,7 @@ mod tests {
             full.event.enhanced_code, "5.2.2",
             "status from the diagnostic"
         );
-        assert_eq!(full.event.bounce_class, "permanent");
+        assert_eq!(full.event.bounce_class, "soft");
         assert!(
             full.suppress.is_none(),
             "a full mailbox is not a hard bounce"
