@@ -233,6 +233,52 @@ fn egress_values_become_delivery_sources_pools_and_shaping() {
 }
 
 #[test]
+fn bounces_listener_takes_no_auth_and_shares_its_key_with_delivery() {
+    let docs = render(Some("ci/keda-egress-values.yaml"));
+    let listeners = herald_config(&docs)["ingress"]["listeners"].clone();
+    let bounces = listeners
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|l| l["name"] == "bounces")
+        .expect("bounces listener");
+    assert_eq!(bounces["inbound"], Value::from(true));
+    assert_eq!(bounces["allow_plaintext_auth"], Value::from(false));
+    let smtp = find(&docs, "Service", "herald-smtp");
+    assert!(
+        smtp["spec"]["ports"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == "bounces" && p["port"].as_i64() == Some(25)),
+        "port 25 of the SMTP Service: {smtp:?}"
+    );
+    // The HMAC key of return-path addresses: ingress checks what delivery signs.
+    for deployment in ["herald-ingress", "herald-delivery"] {
+        let c = container(&docs, deployment);
+        let env = c["env"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "HERALD_BOUNCES__SECRET")
+            .unwrap_or_else(|| panic!("{deployment} lacks HERALD_BOUNCES__SECRET"));
+        assert_eq!(
+            env["valueFrom"]["secretKeyRef"]["name"],
+            Value::from("herald-bounces")
+        );
+    }
+    // Port 25 cannot be both the AUTH-only smtp listener and the no-AUTH bounces one.
+    let mut cmd = Helm::new().command();
+    cmd.args(["template", "herald"])
+        .arg(chart_dir())
+        .args(["--set", "ingress.ports.smtp.enabled=true"])
+        .args(["--set", "ingress.ports.bounces.enabled=true"]);
+    let out = cmd.output().expect("helm");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot share a port"));
+}
+
+#[test]
 fn notes_tell_how_to_create_a_domain_read_its_records_and_send_a_test_message() {
     let helm = Helm::new();
     for values in VALUE_SETS {

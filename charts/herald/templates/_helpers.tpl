@@ -71,15 +71,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- $v := .Values }}
 {{- $listen := $v.ingress.listenAddress }}
 {{- $listeners := list }}
-{{- $tlsModes := dict "submission" "starttls" "submissions" "implicit" "smtp" "starttls" }}
-{{- range $name := list "submission" "submissions" "smtp" }}
+{{- $tlsModes := dict "submission" "starttls" "submissions" "implicit" "smtp" "starttls" "bounces" "starttls" }}
+{{- if and $v.ingress.ports.smtp.enabled $v.ingress.ports.bounces.enabled (eq (int $v.ingress.ports.smtp.port) (int $v.ingress.ports.bounces.port)) }}
+{{- fail "ingress.ports.smtp and ingress.ports.bounces cannot share a port: bounces take no AUTH" }}
+{{- end }}
+{{- range $name := list "submission" "submissions" "smtp" "bounces" }}
 {{- $p := index $v.ingress.ports $name }}
 {{- if $p.enabled }}
 {{- $addr := printf "%s:%d" $listen (int $p.containerPort) }}
 {{- if contains ":" $listen }}
 {{- $addr = printf "[%s]:%d" $listen (int $p.containerPort) }}
 {{- end }}
-{{- $listeners = append $listeners (dict "name" $name "addr" $addr "tls" (index $tlsModes $name) "allow_plaintext_auth" $v.ingress.allowPlaintextAuth) }}
+{{- $listener := dict "name" $name "addr" $addr "tls" (index $tlsModes $name) "allow_plaintext_auth" $v.ingress.allowPlaintextAuth }}
+{{- if eq $name "bounces" }}
+{{- $_ := set $listener "inbound" true }}
+{{- $_ := set $listener "allow_plaintext_auth" false }}
+{{- end }}
+{{- $listeners = append $listeners $listener }}
 {{- end }}
 {{- end }}
 {{- $nats := dict "url" (include "herald.natsUrl" .) "replicas" (int $v.nats.replicas) "queue_lifetime" $v.nats.queueLifetime "duplicate_window" $v.nats.duplicateWindow "events_retention" $v.nats.eventsRetention "publish_timeout" $v.nats.publishTimeout }}
@@ -139,6 +147,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- if $v.otel.samplerArg }}
 - name: OTEL_TRACES_SAMPLER_ARG
   value: {{ $v.otel.samplerArg | quote }}
+{{- end }}
+{{- if and $v.bounces.secretName (has .component (list "ingress" "delivery")) }}
+- name: HERALD_BOUNCES__SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.bounces.secretName }}
+      key: {{ $v.bounces.secretKey }}
 {{- end }}
 {{- with .env }}
 {{ toYaml . }}
