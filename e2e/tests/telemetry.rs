@@ -241,6 +241,23 @@ fn one_trace_follows_a_message_from_submission_to_delivery() {
     );
     let accepted = counter_value(&metrics, "herald.ingress.messages", "accepted");
     assert_eq!(accepted, 1, "herald.ingress.messages{{outcome=accepted}}");
+    // Attempts are counted per site and source IP, the units an operator steers.
+    let attempts = counter_points(&metrics, "herald.delivery.attempts");
+    let (attrs, n) = attempts
+        .iter()
+        .find(|(a, _)| a.get("outcome").is_some_and(|o| o.contains("delivered")))
+        .unwrap_or_else(|| panic!("no delivered attempt among {attempts:?}"));
+    assert_eq!(*n, 1);
+    assert!(
+        attrs
+            .get("site")
+            .is_some_and(|s| s.contains("example.test")),
+        "{attrs:?}"
+    );
+    assert!(
+        attrs.get("source").is_some_and(|s| s.contains("127.")),
+        "{attrs:?}"
+    );
 }
 
 #[test]
