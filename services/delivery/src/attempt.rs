@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     client::{ClientError, Connection, RemoteReply},
-    dkim::{Signer, sign_all},
+    dkim::{SignerCache, sign_all},
     downgrade,
     egress::{self, Egress, Source, Unavailable},
     reuse::{IdlePool, Session},
@@ -152,6 +152,7 @@ pub struct Deliverer {
     state: SharedState,
     idle: IdlePool,
     rules: Rules,
+    signers: SignerCache,
     /// Entries of this pod in flight per site: bounded, so that a saturated site never
     /// occupies every worker.
     in_flight: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
@@ -177,6 +178,7 @@ impl Deliverer {
             state,
             idle,
             rules,
+            signers: SignerCache::default(),
             in_flight: Arc::default(),
         })
     }
@@ -213,7 +215,7 @@ impl Deliverer {
         let signers = domain
             .keys
             .iter()
-            .map(|k| Signer::new(domain.domain.as_str(), k))
+            .map(|k| self.signers.get(domain.domain.as_str(), k))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         sign_all(&signers, body).map_err(|e| e.to_string())

@@ -9,6 +9,11 @@ use mail_auth::{
     signer::Ready,
 };
 use rustls_pki_types::{PrivateKeyDer, pem::PemObject};
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    sync::{Arc, Mutex},
+};
 
 /// Headers signed on every message. Listing a header that is absent signs its absence;
 /// `From` appears twice to over-sign it.
@@ -83,8 +88,42 @@ impl Signer {
     }
 }
 
+/// Signers by (domain, selector, key): reading the PEM and building the RSA key costs
+/// more than a signature (the profile showed key set-up beside every RSA signing), so it
+/// is done once per key. A rotated or changed key has another fingerprint and gets its
+/// own entry; the map is emptied when it grows past what any installation rotates through.
+#[derive(Default)]
+pub struct SignerCache {
+    signers: Mutex<HashMap<(String, String, u64), Arc<Signer>>>,
+}
+
+const CACHED_SIGNERS: usize = 1024;
+
+impl SignerCache {
+    pub fn get(&self, domain: &str, material: &DkimKeyMaterial) -> Result<Arc<Signer>, DkimError> {
+        let fingerprint = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            material.private_key_pem.hash(&mut h);
+            material.algorithm.as_str().hash(&mut h);
+            h.finish()
+        };
+        let key = (domain.to_string(), material.selector.clone(), fingerprint);
+        if let Some(s) = self.signers.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(s);
+        }
+        let signer = Arc::new(Signer::new(domain, material)?);
+        if let Ok(mut m) = self.signers.lock() {
+            if m.len() >= CACHED_SIGNERS {
+                m.clear();
+            }
+            m.insert(key, signer.clone());
+        }
+        Ok(signer)
+    }
+}
+
 /// Signs with every signer; the headers come out in signer order, ready to prepend.
-pub fn sign_all(signers: &[Signer], message: &[u8]) -> Result<Vec<u8>, DkimError> {
+pub fn sign_all(signers: &[Arc<Signer>], message: &[u8]) -> Result<Vec<u8>, DkimError> {
     let mut headers = Vec::new();
     for s in signers {
         headers.extend_from_slice(s.sign(message)?.as_bytes());
