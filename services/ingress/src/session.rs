@@ -533,13 +533,9 @@ impl Session {
         }
     }
 
-    /// DATA on the inbound listener: read, process the report, never queue anything.
-    async fn inbound_data(&mut self) -> std::io::Result<Next> {
-        match &self.txn {
-            None => return Ok(self.fail(Reply::need_mail())),
-            Some(t) if t.returned.is_empty() => return Ok(self.fail(Reply::need_rcpt())),
-            Some(_) => {}
-        }
+    /// 354, then the message up to its end: the transaction and its bytes, or what the
+    /// session does instead (too large: 552 and on; closed or timed out: close).
+    async fn read_message(&mut self) -> std::io::Result<Result<(Transaction, Vec<u8>), Next>> {
         self.send(Reply::start_data());
         let max = self.ctx.config.ingress.max_message_size;
         let data = self
@@ -547,24 +543,37 @@ impl Session {
             .read_data(max, self.ctx.config.ingress.data_timeout)
             .await;
         let Some(txn) = self.txn.take() else {
-            return Ok(Next::Close);
+            return Ok(Err(Next::Close));
         };
-        // Line-ending and header checks protect what is relayed; this message is only
-        // read, so a sloppy bounce still counts.
-        let body = match data {
-            Ok(Data::Message(body)) => body,
+        match data {
+            Ok(Data::Message(body)) => Ok(Ok((txn, body))),
             Ok(Data::TooLarge) => {
                 self.ctx.metrics.refused("message_too_big");
                 self.send(Reply::message_too_big(max));
-                return Ok(Next::Continue);
+                Ok(Err(Next::Continue))
             }
-            Ok(Data::Closed) => return Ok(Next::Close),
+            Ok(Data::Closed) => Ok(Err(Next::Close)),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 let r = Reply::timeout(self.hostname());
                 self.send(r);
-                return Ok(Next::Close);
+                Ok(Err(Next::Close))
             }
-            Err(e) => return Err(e),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// DATA on the inbound listener: read, process the report, never queue anything.
+    async fn inbound_data(&mut self) -> std::io::Result<Next> {
+        match &self.txn {
+            None => return Ok(self.fail(Reply::need_mail())),
+            Some(t) if t.returned.is_empty() => return Ok(self.fail(Reply::need_rcpt())),
+            Some(_) => {}
+        }
+        // Line-ending and header checks protect what is relayed; this message is only
+        // read, so a sloppy bounce still counts.
+        let (txn, body) = match self.read_message().await? {
+            Ok(got) => got,
+            Err(next) => return Ok(next),
         };
         let sender = txn
             .sender
@@ -736,29 +745,9 @@ impl Session {
         if let Some(id) = telemetry::span_id(&span) {
             span.record("span_id", id.as_str());
         }
-        self.send(Reply::start_data());
-        let max = self.ctx.config.ingress.max_message_size;
-        let data = self
-            .io
-            .read_data(max, self.ctx.config.ingress.data_timeout)
-            .await;
-        let Some(txn) = self.txn.take() else {
-            return Ok(Next::Close);
-        };
-        let body = match data {
-            Ok(Data::Message(body)) => body,
-            Ok(Data::TooLarge) => {
-                self.ctx.metrics.refused("message_too_big");
-                self.send(Reply::message_too_big(max));
-                return Ok(Next::Continue);
-            }
-            Ok(Data::Closed) => return Ok(Next::Close),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                let r = Reply::timeout(self.hostname());
-                self.send(r);
-                return Ok(Next::Close);
-            }
-            Err(e) => return Err(e),
+        let (txn, body) = match self.read_message().await? {
+            Ok(got) => got,
+            Err(next) => return Ok(next),
         };
         if !body.is_ascii() && !txn.eight_bit && !txn.smtputf8 {
             self.ctx.metrics.refused("undeclared_8bit");
