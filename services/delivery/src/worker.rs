@@ -203,6 +203,7 @@ pub async fn run(
     deliverer.close_idle().await;
     flusher.abort();
     state.flush_reputation().await;
+    queue.settle_events(Duration::from_secs(5)).await;
     Ok(())
 }
 
@@ -579,7 +580,8 @@ impl Worker {
             duration_ms: result.duration.as_millis() as u64,
             size: entry.body.as_ref().map(|b| b.size).unwrap_or(0),
         };
-        self.queue.publish_event(event).await;
+        // Sent in order with what follows, acknowledged apart: the worker moves on.
+        self.queue.emit_event(event).await;
     }
 
     /// Every recipient of the entry is finished: account for it and acknowledge.
@@ -915,9 +917,9 @@ impl Worker {
         let domain = domain.to_lowercase();
         let id = herald_core::types::QueueId::generate();
         let size = message.len() as u64;
-        let body = self.queue.store_body(id.as_str(), message.into()).await?;
-        self.queue
-            .track_pending(id.as_str(), std::slice::from_ref(&domain))
+        let body = self
+            .queue
+            .store_body(id.as_str(), message.into(), String::new())
             .await?;
         let bounce = QueueEntry {
             id: id.to_string(),
@@ -943,6 +945,7 @@ impl Worker {
             // From the null sender: never rewritten.
             return_path: String::new(),
             throttle_waits: 0,
+            sole_domain: true,
         };
         self.queue
             .publish_entry(&bounce, Some(format!("{}.{tag}.{}", entry.id, now)))

@@ -14,28 +14,25 @@ pub fn check_lines(
     bare: BareLineEndings,
     max_line: usize,
 ) -> Result<Vec<u8>, Reply> {
+    // Jumps from line end to line end (SIMD memchr) rather than looking at every byte: at
+    // 100 KiB the byte loop was a tenth of the ingress's CPU.
     let mut has_bare = false;
-    let mut line_len = 0usize;
     let mut longest = 0usize;
-    let mut i = 0;
-    while i < body.len() {
-        match body[i] {
-            b'\r' if body.get(i + 1) == Some(&b'\n') => {
-                longest = longest.max(line_len);
-                line_len = 0;
-                i += 2;
-                continue;
-            }
-            b'\r' | b'\n' => {
-                has_bare = true;
-                longest = longest.max(line_len);
-                line_len = 0;
-            }
-            _ => line_len += 1,
+    let mut start = 0usize;
+    for pos in memchr::memchr2_iter(b'\r', b'\n', &body) {
+        if pos < start {
+            // The LF of a CRLF already counted.
+            continue;
         }
-        i += 1;
+        longest = longest.max(pos - start);
+        if body[pos] == b'\r' && body.get(pos + 1) == Some(&b'\n') {
+            start = pos + 2;
+        } else {
+            has_bare = true;
+            start = pos + 1;
+        }
     }
-    longest = longest.max(line_len);
+    longest = longest.max(body.len() - start);
     if longest > max_line {
         return Err(Reply::line_too_long_in_message(max_line));
     }
@@ -132,6 +129,33 @@ mod tests {
         let mut ok = vec![b'x'; 998];
         ok.extend_from_slice(b"\r\n");
         assert!(check_lines(ok, BareLineEndings::Reject, 998).is_ok());
+    }
+
+    #[test]
+    fn line_lengths_count_between_line_ends_of_any_kind() {
+        // 998 octets, then a bare LF, then 998 more: each line is within the limit.
+        let mut body = vec![b'x'; 998];
+        body.push(b'\n');
+        body.extend(vec![b'y'; 998]);
+        body.extend_from_slice(b"\r\n");
+        assert_eq!(
+            check_lines(body.clone(), BareLineEndings::Reject, 998),
+            Err(Reply::bare_line_ending())
+        );
+        assert!(check_lines(body, BareLineEndings::Normalize, 998).is_ok());
+        // The last line needs no line end to count, and CR CR LF is a bare CR then a CRLF.
+        assert_eq!(
+            check_lines(vec![b'z'; 999], BareLineEndings::Reject, 998),
+            Err(Reply::line_too_long_in_message(998))
+        );
+        assert_eq!(
+            check_lines(b"a\r\r\nb\r\n".to_vec(), BareLineEndings::Reject, 998),
+            Err(Reply::bare_line_ending())
+        );
+        assert_eq!(
+            check_lines(b"\r\n\r\n\r\n".to_vec(), BareLineEndings::Reject, 0),
+            Ok(b"\r\n\r\n\r\n".to_vec())
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use herald_core::{
     account::SenderDefaults,
     envelope::{Event, EventKind, QueueEntry, Recipient},
-    queue::{Queue, submission_digest},
+    queue::{Queue, body_digest, submission_key},
     return_path::{ReturnPathRecord, ReturnPaths},
     types::{Domain, QueueId},
 };
@@ -127,8 +127,10 @@ pub async fn enqueue(
     let now = now_unix();
     let rcpt_addrs: Vec<String> = sub.recipients.iter().map(|(a, _)| a.clone()).collect();
     // Digest of what the client sent, before our own headers: a retry after a lost 250
-    // carries the same bytes and is recognised within the duplicate window.
-    let digest = submission_digest(&sub.account, &sub.sender, &rcpt_addrs, &sub.body);
+    // carries the same bytes and is recognised within the duplicate window. The only pass
+    // over the body that hashes it: the stored body's reference carries the same digest.
+    let client_digest = body_digest(&sub.body);
+    let digest = submission_key(&sub.account, &sub.sender, &rcpt_addrs, &client_digest);
     let mut body = trace_headers(&sub, hostname, &id, now).into_bytes();
     match sub
         .defaults
@@ -171,11 +173,6 @@ pub async fn enqueue(
             }
         }
     };
-    let (body_ref, return_path) =
-        tokio::join!(queue.store_body(id.as_str(), Bytes::from(body)), recorded);
-    let body_ref = body_ref?;
-    let return_path = return_path.unwrap_or_default();
-
     let mut by_domain: BTreeMap<&str, Vec<Recipient>> = BTreeMap::new();
     for (address, domain) in &sub.recipients {
         by_domain.entry(domain).or_default().push(Recipient {
@@ -184,8 +181,25 @@ pub async fn enqueue(
             notify: 0,
         });
     }
-    let domains: Vec<String> = by_domain.keys().map(|d| d.to_string()).collect();
-    queue.track_pending(id.as_str(), &domains).await?;
+    // A message with one destination domain finishes with its one entry: no pending record
+    // (a KV put here, a read and a delete in delivery). With several, the record is written
+    // beside the body: both must be in place before any entry is, not one after the other.
+    let sole_domain = by_domain.len() == 1;
+    let pending = async {
+        if sole_domain {
+            return Ok(());
+        }
+        let domains: Vec<String> = by_domain.keys().map(|d| d.to_string()).collect();
+        queue.track_pending(id.as_str(), &domains).await
+    };
+    let (body_ref, return_path, pending) = tokio::join!(
+        queue.store_body(id.as_str(), Bytes::from(body), hex::encode(client_digest)),
+        recorded,
+        pending
+    );
+    let body_ref = body_ref?;
+    pending?;
+    let return_path = return_path.unwrap_or_default();
 
     let entries: Vec<QueueEntry> = by_domain
         .into_iter()
@@ -208,6 +222,7 @@ pub async fn enqueue(
             delay_warned: false,
             return_path: return_path.clone(),
             throttle_waits: 0,
+            sole_domain,
         })
         .collect();
     // Mail held by the hourly limit waits as a schedule, not in the consumer.
@@ -243,8 +258,10 @@ pub async fn enqueue(
         // the client's retry is de-duplicated against them.
         return Err(e.into());
     }
+    // The `received` event does not hold the 250: it is sent now and its acknowledgement
+    // awaited apart (a lost one is logged); the entries above are what the 250 promises.
     queue
-        .publish_event(Event {
+        .emit_event(Event {
             kind: EventKind::Received as i32,
             queue_id: id.to_string(),
             account: sub.account.clone(),

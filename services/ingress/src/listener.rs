@@ -246,5 +246,6 @@ pub async fn serve(
         );
         sessions.abort_all();
     }
+    queue.settle_events(Duration::from_secs(5)).await;
     Ok(())
 }
