@@ -4,7 +4,8 @@
 //! delivery attempt for an entry, [`route`] finds where to connect ([`route`] asks DNS through
 //! explicit nameservers only), [`site`] names the destination its throttles apply to,
 //! [`egress`] picks the source address, [`shaping`] holds the throttle, suspension, warm-up
-//! and reputation state shared by all pods, [`rules`] learns from replies, [`reuse`] keeps
+//! and reputation state shared by all pods ([`mirror`] keeps a watched copy of what every
+//! message reads), [`rules`] learns from replies, [`reuse`] keeps
 //! idle connections, [`dkim`] signs, [`downgrade`] converts 8-bit MIME for old hosts,
 //! [`return_path`] picks the envelope sender (VERP for MailDomains with a return path), and
 //! [`client`] speaks SMTP to the remote host.
@@ -15,6 +16,7 @@ pub mod dkim;
 pub mod downgrade;
 pub mod dsn;
 pub mod egress;
+pub mod mirror;
 pub mod return_path;
 pub mod reuse;
 pub mod route;

@@ -2,8 +2,10 @@
 //! connection slots and message rate per (source, site), suspensions, rule hit counts,
 //! warm-up counters and reputation per (source, provider).
 //!
-//! Every decision is a CAS on one key, so limits hold for the cluster rather than per pod,
-//! and a suspension written by one pod is seen by the next read of any other.
+//! Every decision is a CAS on one key, so limits hold for the cluster rather than per pod.
+//! Suspensions and rate cuts, read for every message, come from a watched local mirror
+//! ([`crate::mirror`]): a suspension written by one pod reaches the others within
+//! milliseconds.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,6 +21,8 @@ use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tracing::warn;
+
+use crate::mirror::Mirror;
 
 pub const SHAPING_BUCKET: &str = "HERALD_SHAPING";
 pub const REPUTATION_BUCKET: &str = "HERALD_REPUTATION";
@@ -174,6 +178,8 @@ pub struct SharedState {
     first_days: Arc<Mutex<HashMap<String, i64>>>,
     /// Rate keys last seen cut (factor below 1): only those need recovery writes.
     cut: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Suspensions and rate states as the bucket holds them, for the per-message reads.
+    mirror: Mirror,
 }
 
 impl SharedState {
@@ -203,10 +209,16 @@ impl SharedState {
             ))
             .await
             .map_err(|e| ShapingError::Bucket(REPUTATION_BUCKET, e.to_string()))?;
+        let process = ulid::Ulid::new().to_string();
+        let mirror = Mirror::start(
+            shaping.clone(),
+            vec!["susp.>".into(), "rate.>".into()],
+            format!("sync.{process}"),
+        );
         Ok(SharedState {
             shaping,
             reputation,
-            process: ulid::Ulid::new().to_string(),
+            process,
             next_slot: Arc::new(AtomicU64::new(0)),
             lease_ttl,
             half_life,
@@ -214,6 +226,7 @@ impl SharedState {
             scores: Arc::default(),
             first_days: Arc::default(),
             cut: Arc::default(),
+            mirror,
         })
     }
 
@@ -256,6 +269,19 @@ impl SharedState {
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
         Err(err("kept changing under contention".into()))
+    }
+
+    /// A suspension or rate key: from the mirror when it is current, else from the bucket.
+    async fn mirrored<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ShapingError> {
+        match self.mirror.get(key) {
+            Some(value) => Ok(value.and_then(|v| serde_json::from_slice(&v).ok())),
+            None => Self::get(&self.shaping, key).await,
+        }
+    }
+
+    /// Whether suspension and rate reads are served by the local mirror.
+    pub fn mirror_is_live(&self) -> bool {
+        self.mirror.is_live()
     }
 
     async fn get<T: DeserializeOwned>(
@@ -369,8 +395,9 @@ impl SharedState {
         cut_base: f64,
     ) -> Result<(Option<Duration>, f64), ShapingError> {
         if rate.is_none() {
-            // Unlimited unless a rule cut it: one read, no write, on the common path.
-            match Self::get::<RateState>(&self.shaping, key).await? {
+            // Unlimited unless a rule cut it: no write, and no read either while the
+            // mirror is current, on the common path.
+            match self.mirrored::<RateState>(key).await? {
                 Some(s) if s.factor < 1.0 => {}
                 _ => return Ok((None, 1.0)),
             }
@@ -459,7 +486,7 @@ impl SharedState {
         let now = now_ms();
         let mut found: Option<Suspension> = None;
         for key in Self::suspension_keys(source, site, provider) {
-            if let Some(s) = Self::get::<Suspension>(&self.shaping, &key).await?
+            if let Some(s) = self.mirrored::<Suspension>(&key).await?
                 && s.until_ms > now
                 && found.as_ref().is_none_or(|f| f.until_ms < s.until_ms)
             {

@@ -42,6 +42,84 @@ async fn pods(server: &Server, n: usize) -> Vec<SharedState> {
     out
 }
 
+/// Polls `f` every 10 ms for up to 2 s until it returns `Some`.
+async fn eventually<T, F, Fut>(mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..200 {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_follows_writes_made_outside_the_pod() {
+    let server = start_nats();
+    let pod = pods(&server, 1).await.remove(0);
+    eventually(|| async { pod.mirror_is_live().then_some(()) })
+        .await
+        .expect("the mirror catches up with an empty bucket");
+    // Another pod (or an operator with `nats kv put`) writes and deletes the keys.
+    let client = async_nats::connect(server.nats.url())
+        .await
+        .expect("connect");
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value("HERALD_SHAPING")
+        .await
+        .expect("bucket");
+    let until = now_ms() + 60_000;
+    let suspension = serde_json::json!({"until_ms": until, "rule": "manual", "reply": "by hand"});
+    kv.put(
+        "susp.src.p.prov",
+        serde_json::to_vec(&suspension).expect("json").into(),
+    )
+    .await
+    .expect("put");
+    let seen = eventually(|| async {
+        pod.suspension("src", "any-site", "prov")
+            .await
+            .expect("read")
+    })
+    .await
+    .expect("a provider-wide suspension reaches the mirror");
+    assert_eq!((seen.until_ms, seen.rule.as_str()), (until, "manual"));
+    kv.delete("susp.src.p.prov").await.expect("delete");
+    eventually(|| async {
+        pod.suspension("src", "any-site", "prov")
+            .await
+            .expect("read")
+            .is_none()
+            .then_some(())
+    })
+    .await
+    .expect("a lifted suspension leaves the mirror");
+    // A cut rate written elsewhere limits this pod's unlimited site too.
+    kv.put(
+        "rate.src.site",
+        serde_json::to_vec(&serde_json::json!({"tat_ms": 0, "factor": 0.25}))
+            .expect("json")
+            .into(),
+    )
+    .await
+    .expect("put");
+    let factor = eventually(|| async {
+        let (_, f) = pod
+            .take_rate("src", "site", None, 10.0)
+            .await
+            .expect("rate");
+        (f < 1.0).then_some(f)
+    })
+    .await
+    .expect("the cut reaches the mirror");
+    assert_eq!(factor, 0.25);
+    assert!(pod.mirror_is_live());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_slots_hold_across_pods() {
     let server = start_nats();
@@ -119,7 +197,8 @@ async fn message_rate_is_spaced_across_pods() {
 async fn suspensions_rules_and_warmup_are_shared() {
     let server = start_nats();
     let pods = pods(&server, 3).await;
-    // A suspension written by one pod is seen by another at once.
+    // A suspension written by one pod is seen by another (through its mirror: within
+    // milliseconds).
     assert!(
         pods[1]
             .suspension("src", "site", "prov")
@@ -141,11 +220,14 @@ async fn suspensions_rules_and_warmup_are_shared() {
         )
         .await
         .expect("suspend");
-    let s = pods[2]
-        .suspension("src", "site", "prov")
-        .await
-        .expect("read")
-        .expect("suspended");
+    let s = eventually(|| async {
+        pods[2]
+            .suspension("src", "site", "prov")
+            .await
+            .expect("read")
+    })
+    .await
+    .expect("suspended");
     assert_eq!(s.rule, "too-many-connections");
     // Another site of the same source is not affected; a provider-wide one would be.
     assert!(
@@ -201,6 +283,8 @@ async fn cut_rates_recover_and_reputation_is_shared() {
         .expect("rate");
     assert_eq!((wait, factor), (None, 1.0));
     assert_eq!(pods[1].cut_rate("src", "site").await.expect("cut"), 0.5);
+    // Both mirrors follow the cut within milliseconds; each read below takes a grant.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let (_, factor) = pods[0]
         .take_rate("src", "site", None, 10.0)
         .await
