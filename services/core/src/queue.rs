@@ -202,13 +202,7 @@ impl Queue {
     }
 
     async fn acked(&self, fut: jetstream::context::PublishAckFuture) -> Result<PublishAck, Error> {
-        match tokio::time::timeout(self.publish_timeout, fut).await {
-            Ok(Ok(ack)) => Ok(ack),
-            Ok(Err(e)) => Err(Error::nats(e)),
-            Err(_) => Err(Error::Nats(
-                "no acknowledgement from JetStream in time".into(),
-            )),
-        }
+        acked(fut, self.publish_timeout).await
     }
 
     async fn publish(&self, subject: String, publish: Publish) -> Result<PublishAck, Error> {
@@ -450,10 +444,9 @@ impl Queue {
                 .await;
         match sent {
             Ok(Ok(ack)) => {
-                let queue = self.clone();
-                let queue_id = event.queue_id;
+                let (timeout, queue_id) = (self.publish_timeout, event.queue_id);
                 self.events.spawn(async move {
-                    if let Err(e) = queue.acked(ack).await {
+                    if let Err(e) = acked(ack, timeout).await {
                         tracing::warn!(error = %e, %queue_id, "event not recorded");
                     }
                 });
@@ -494,6 +487,19 @@ impl Queue {
         if let Err(e) = result {
             tracing::warn!(error = %e, queue_id = %event.queue_id, "event not recorded");
         }
+    }
+}
+
+async fn acked(
+    fut: jetstream::context::PublishAckFuture,
+    timeout: Duration,
+) -> Result<PublishAck, Error> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(ack)) => Ok(ack),
+        Ok(Err(e)) => Err(Error::nats(e)),
+        Err(_) => Err(Error::Nats(
+            "no acknowledgement from JetStream in time".into(),
+        )),
     }
 }
 
