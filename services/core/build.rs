@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(false)
         .build_server(false)
+        // Inline bodies decode as slices of the received message, not copies.
+        .bytes(".herald.v1.BodyRef")
         .compile_protos(&["../../proto/herald/v1/queue.proto"], &["../../proto"])?;
     Ok(())
 }

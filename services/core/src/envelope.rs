@@ -7,6 +7,17 @@ mod generated {
 
 pub use generated::*;
 
+impl BodyRef {
+    /// A body carried inside its entry (see `BodyRef.inline` in queue.proto).
+    pub fn inline(body: bytes::Bytes, sha256: String) -> BodyRef {
+        BodyRef {
+            size: body.len() as u64,
+            location: Some(body_ref::Location::Inline(body)),
+            sha256,
+        }
+    }
+}
+
 impl EventKind {
     /// The lower-case word used in event subjects (`herald.events.<account>.<kind>`).
     pub fn word(self) -> &'static str {

@@ -7,10 +7,13 @@
 //!   `herald.schedule.<queue id>.<attempt>.<domain>`: the server republishes them to
 //!   `herald.queue.<domain>` at their time. Waiting mail thus occupies no consumer's
 //!   ack-pending window and is never redelivered in a loop.
-//! - `HERALD_BODIES` (`herald.body.<queue id>`, direct get): each message body, stored once.
-//!   Bodies larger than the server's max payload go to the `HERALD_LARGE_BODIES` object store.
-//! - `HERALD_PENDING` (KV): per message, the destination domains not yet finished; the body is
-//!   removed when the last one finishes (or when the queue lifetime expires).
+//! - Bodies are stored once per message. A message with one destination domain carries its
+//!   body inside its one entry when both fit in a NATS message (most mail: no round trips
+//!   for the body at all). Otherwise `HERALD_BODIES` (`herald.body.<queue id>`, direct get)
+//!   holds it, or, above the server's max payload, the `HERALD_LARGE_BODIES` object store.
+//! - `HERALD_PENDING` (KV): per message with several destination domains, those not yet
+//!   finished; the body is removed when the last one finishes (or when the queue lifetime
+//!   expires).
 //! - `HERALD_EVENTS` (`herald.events.<account>.<kind>`): every outcome, for reports and the API.
 
 use std::time::Duration;
@@ -201,6 +204,23 @@ impl Queue {
         &self.js
     }
 
+    /// Places a message's body: inside `entry` (its only entry, `sole_domain`, given
+    /// without a body) when the two fit in one NATS message beside its headers; otherwise
+    /// stored once with [`Queue::store_body`]. The caller puts the reference in the entry.
+    pub async fn place_body(
+        &self,
+        entry: &QueueEntry,
+        body: Bytes,
+        sha256: String,
+    ) -> Result<BodyRef, Error> {
+        // The body field costs its bytes plus tags and lengths, the BodyRef's own too.
+        let inline_len = entry.encoded_len() + body.len() + sha256.len() + 32;
+        if entry.sole_domain && inline_len <= self.inline_limit {
+            return Ok(BodyRef::inline(body, sha256));
+        }
+        self.store_body(&entry.id, body, sha256).await
+    }
+
     async fn acked(&self, fut: jetstream::context::PublishAckFuture) -> Result<PublishAck, Error> {
         acked(fut, self.publish_timeout).await
     }
@@ -265,6 +285,7 @@ impl Queue {
                     Err(e) => return Err(Error::nats(e)),
                 }
             }
+            Some(Location::Inline(data)) => data.clone(),
             Some(Location::Object(name)) => {
                 let mut obj = match self.large_bodies.get(name).await {
                     Ok(obj) => obj,
@@ -301,7 +322,8 @@ impl Queue {
             Some(Location::Object(name)) => {
                 self.large_bodies.delete(name).await.map_err(Error::nats)?;
             }
-            None => {}
+            // Gone with the entry.
+            Some(Location::Inline(_)) | None => {}
         }
         Ok(())
     }

@@ -917,11 +917,7 @@ impl Worker {
         let domain = domain.to_lowercase();
         let id = herald_core::types::QueueId::generate();
         let size = message.len() as u64;
-        let body = self
-            .queue
-            .store_body(id.as_str(), message.into(), String::new())
-            .await?;
-        let bounce = QueueEntry {
+        let mut bounce = QueueEntry {
             id: id.to_string(),
             account: entry.account.clone(),
             sender: String::new(),
@@ -931,7 +927,7 @@ impl Worker {
                 orcpt: String::new(),
                 notify: 0,
             }],
-            body: Some(body),
+            body: None,
             attempt: 0,
             not_before: 0,
             received_at: now,
@@ -947,6 +943,11 @@ impl Worker {
             throttle_waits: 0,
             sole_domain: true,
         };
+        bounce.body = Some(
+            self.queue
+                .place_body(&bounce, message.into(), String::new())
+                .await?,
+        );
         self.queue
             .publish_entry(&bounce, Some(format!("{}.{tag}.{}", entry.id, now)))
             .await?;

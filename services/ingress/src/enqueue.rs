@@ -181,27 +181,15 @@ pub async fn enqueue(
             notify: 0,
         });
     }
-    // A message with one destination domain finishes with its one entry: no pending record
-    // (a KV put here, a read and a delete in delivery). With several, the record is written
-    // beside the body: both must be in place before any entry is, not one after the other.
-    let sole_domain = by_domain.len() == 1;
-    let pending = async {
-        if sole_domain {
-            return Ok(());
-        }
-        let domains: Vec<String> = by_domain.keys().map(|d| d.to_string()).collect();
-        queue.track_pending(id.as_str(), &domains).await
-    };
-    let (body_ref, return_path, pending) = tokio::join!(
-        queue.store_body(id.as_str(), Bytes::from(body), hex::encode(client_digest)),
-        recorded,
-        pending
-    );
-    let body_ref = body_ref?;
-    pending?;
-    let return_path = return_path.unwrap_or_default();
-
-    let entries: Vec<QueueEntry> = by_domain
+    let domains: Vec<String> = by_domain.keys().map(|d| d.to_string()).collect();
+    // Sized with the return path it will carry if the record is written (never more).
+    let planned_return_path = sub
+        .return_path
+        .as_ref()
+        .map(|h| h.to_string())
+        .unwrap_or_default();
+    let sole_domain = domains.len() == 1;
+    let mut entries: Vec<QueueEntry> = by_domain
         .into_iter()
         .map(|(domain, recipients)| QueueEntry {
             id: id.to_string(),
@@ -209,7 +197,7 @@ pub async fn enqueue(
             sender: sub.sender.clone(),
             domain: domain.to_string(),
             recipients,
-            body: Some(body_ref.clone()),
+            body: None,
             attempt: 0,
             not_before: sub.not_before,
             received_at: now,
@@ -220,11 +208,34 @@ pub async fn enqueue(
             traceparent: sub.traceparent.clone(),
             message_id: message_id.clone(),
             delay_warned: false,
-            return_path: return_path.clone(),
+            return_path: planned_return_path.clone(),
             throttle_waits: 0,
             sole_domain,
         })
         .collect();
+
+    // A message with one destination domain finishes with its one entry, and when the two
+    // fit in a NATS message the body travels inside it: no body stream write here, no read
+    // and purge in delivery. With several domains the body is stored once in the body
+    // stream, and a pending record, written beside it, says when the last entry finished.
+    let Some(first) = entries.first() else {
+        return Err(herald_core::Error::Envelope("a message without recipients".into()).into());
+    };
+    let stored = queue.place_body(first, Bytes::from(body), hex::encode(client_digest));
+    let pending = async {
+        if sole_domain {
+            return Ok(());
+        }
+        queue.track_pending(id.as_str(), &domains).await
+    };
+    let (body_ref, return_path, pending) = tokio::join!(stored, recorded, pending);
+    let body_ref = body_ref?;
+    pending?;
+    let return_path = return_path.unwrap_or_default();
+    for entry in &mut entries {
+        entry.body = Some(body_ref.clone());
+        entry.return_path.clone_from(&return_path);
+    }
     // Mail held by the hourly limit waits as a schedule, not in the consumer.
     let results = futures::future::join_all(entries.iter().map(|e| {
         let dedup = Some(format!("{digest}.{}", e.domain));
