@@ -121,6 +121,75 @@ async fn the_mirror_follows_writes_made_outside_the_pod() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_follows_again_after_nats_restarts() {
+    // A mirror that stayed "current" while its watch had silently died would hide every
+    // later suspension from this pod: after a restart it must follow writes again.
+    let server = start_nats();
+    let pod = pods(&server, 1).await.remove(0);
+    eventually(|| async { pod.mirror_is_live().then_some(()) })
+        .await
+        .expect("live");
+    let server = tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.nats.stop();
+        server.nats.start_again();
+        server
+    })
+    .await
+    .expect("restart");
+    let client = async_nats::connect(server.nats.url())
+        .await
+        .expect("connect");
+    let kv = async_nats::jetstream::new(client)
+        .get_key_value("HERALD_SHAPING")
+        .await
+        .expect("bucket");
+    let until = now_ms() + 60_000;
+    let suspension = serde_json::json!({"until_ms": until, "rule": "after-restart", "reply": "x"});
+    kv.put(
+        "susp.src.s.site",
+        serde_json::to_vec(&suspension).expect("json").into(),
+    )
+    .await
+    .expect("put");
+    let mut seen = None;
+    // The client reconnects with back-off and a broken watch restarts after a second.
+    for _ in 0..10 {
+        seen = eventually(|| async { pod.suspension("src", "site", "prov").await.ok().flatten() })
+            .await;
+        if seen.is_some() {
+            break;
+        }
+    }
+    let seen = seen.expect("a suspension written after the restart reaches the pod");
+    assert_eq!(seen.rule, "after-restart");
+    // And once the mirror serves reads again, it is following, not frozen.
+    let mut live = false;
+    for _ in 0..10 {
+        if eventually(|| async { pod.mirror_is_live().then_some(()) })
+            .await
+            .is_some()
+        {
+            live = true;
+            break;
+        }
+    }
+    assert!(live, "the mirror never caught up after the restart");
+    kv.delete("susp.src.s.site").await.expect("delete");
+    eventually(|| async {
+        (pod.mirror_is_live()
+            && pod
+                .suspension("src", "site", "prov")
+                .await
+                .expect("read")
+                .is_none())
+        .then_some(())
+    })
+    .await
+    .expect("the live mirror saw the suspension lifted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_slots_hold_across_pods() {
     let server = start_nats();
     let pods = pods(&server, 3).await;
