@@ -4,8 +4,9 @@
 //! and a delete after which ingress accepts the address again.
 //!
 //! gRPC is not exercised here (this crate stays free of Herald and gRPC crates, and the
-//! machine has no grpcurl): services/api/tests/jetstream.rs asks the same questions over
-//! gRPC against a real nats-server.
+//! machine has no grpcurl): services/api/tests/binary.rs asks the `herald api` binary over
+//! gRPC, and services/api/tests/jetstream.rs asks every question over gRPC against a real
+//! nats-server.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
