@@ -57,6 +57,27 @@ where
     None
 }
 
+/// The shaping bucket through a client of its own, as another pod or an operator sees it.
+async fn shaping_bucket(server: &Server) -> async_nats::jetstream::kv::Store {
+    let client = async_nats::connect(server.nats.url())
+        .await
+        .expect("connect");
+    async_nats::jetstream::new(client)
+        .get_key_value("HERALD_SHAPING")
+        .await
+        .expect("bucket")
+}
+
+/// Writes a suspension for a minute under `key`; returns its end (Unix ms).
+async fn put_suspension(kv: &async_nats::jetstream::kv::Store, key: &str, rule: &str) -> i64 {
+    let until = now_ms() + 60_000;
+    let suspension = serde_json::json!({"until_ms": until, "rule": rule, "reply": "by hand"});
+    kv.put(key, serde_json::to_vec(&suspension).expect("json").into())
+        .await
+        .expect("put");
+    until
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mirror_follows_writes_made_outside_the_pod() {
     let server = start_nats();
@@ -65,21 +86,8 @@ async fn the_mirror_follows_writes_made_outside_the_pod() {
         .await
         .expect("the mirror catches up with an empty bucket");
     // Another pod (or an operator with `nats kv put`) writes and deletes the keys.
-    let client = async_nats::connect(server.nats.url())
-        .await
-        .expect("connect");
-    let kv = async_nats::jetstream::new(client)
-        .get_key_value("HERALD_SHAPING")
-        .await
-        .expect("bucket");
-    let until = now_ms() + 60_000;
-    let suspension = serde_json::json!({"until_ms": until, "rule": "manual", "reply": "by hand"});
-    kv.put(
-        "susp.src.p.prov",
-        serde_json::to_vec(&suspension).expect("json").into(),
-    )
-    .await
-    .expect("put");
+    let kv = shaping_bucket(&server).await;
+    let until = put_suspension(&kv, "susp.src.p.prov", "manual").await;
     let seen = eventually(|| async {
         pod.suspension("src", "any-site", "prov")
             .await
@@ -137,21 +145,8 @@ async fn the_mirror_follows_again_after_nats_restarts() {
     })
     .await
     .expect("restart");
-    let client = async_nats::connect(server.nats.url())
-        .await
-        .expect("connect");
-    let kv = async_nats::jetstream::new(client)
-        .get_key_value("HERALD_SHAPING")
-        .await
-        .expect("bucket");
-    let until = now_ms() + 60_000;
-    let suspension = serde_json::json!({"until_ms": until, "rule": "after-restart", "reply": "x"});
-    kv.put(
-        "susp.src.s.site",
-        serde_json::to_vec(&suspension).expect("json").into(),
-    )
-    .await
-    .expect("put");
+    let kv = shaping_bucket(&server).await;
+    put_suspension(&kv, "susp.src.s.site", "after-restart").await;
     let mut seen = None;
     // The client reconnects with back-off and a broken watch restarts after a second.
     for _ in 0..10 {
@@ -256,10 +251,15 @@ async fn message_rate_is_spaced_across_pods() {
     let mut g = grants.lock().expect("lock").clone();
     g.sort();
     assert_eq!(g.len(), 24);
-    // 20/s: grants at least 52.5 ms apart (1 ms for the clock read after the grant).
+    // 20/s with the 5 % margin: grants 52.5 ms apart. The clock is read when take_rate
+    // returns, some scheduling delay after the grant itself, so on a busy machine a single
+    // gap can look a few ms short; 23 gaps together cannot, and a limiter that let two
+    // pods through at once would show a gap near 0.
     for w in g.windows(2) {
-        assert!(w[1] - w[0] >= 52, "grants too close: {g:?}");
+        assert!(w[1] - w[0] >= 45, "grants too close: {g:?}");
     }
+    let span = g[23] - g[0];
+    assert!(span >= 23 * 52, "24 grants within {span} ms: {g:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
