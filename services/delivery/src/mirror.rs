@@ -35,15 +35,15 @@ struct State {
 #[derive(Clone)]
 pub struct Mirror {
     state: Arc<State>,
-    task: Arc<tokio::task::JoinHandle<()>>,
+    _watch: Arc<StopOnDrop>,
 }
 
-impl Drop for Mirror {
+/// Stops the watch when the last handle of its mirror goes.
+struct StopOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        // The last handle stops the watch.
-        if Arc::strong_count(&self.task) == 1 {
-            self.task.abort();
-        }
+        self.0.abort();
     }
 }
 
@@ -57,7 +57,7 @@ impl Mirror {
         let task = tokio::spawn(watch(store, filters, marker, state.clone()));
         Mirror {
             state,
-            task: Arc::new(task),
+            _watch: Arc::new(StopOnDrop(task)),
         }
     }
 
